@@ -1,0 +1,88 @@
+"""Softmax-Free Spiking Attention (SFSA), METHOD §3.
+
+Per head and time step, with binary input ``A``::
+
+    Q, K, V = SN(A Wq + bq), SN(A Wk + bk), SN(A Wv + bv)     # binary
+    S = (Q K^T) AND M                                        # integer scores in [0, head_dim]
+    P = SN_attn(attn_scale * S)                              # binary map; one neuron per (i, j) over T steps
+    O = P V                                                  # integer counts
+    Y = SN(O Wo + bo)                                        # binary
+
+No softmax, exponential or division. The attention neuron of entry (i, j) integrates only over the T time
+steps of query token i, so a cache of the binary K and V spikes is all incremental decoding needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configuration import BiSpikCLMConfig
+from .neurons import LIFNeuron
+from .spike_ops import SpikeLinear, spike_matmul
+
+
+def causal_mask(query_length: int, key_length: int, key_mask: torch.Tensor | None,
+                device: torch.device) -> torch.Tensor:
+    """Binary mask ``[B or 1, 1, N, Nk]``: query ``i`` (the last ``N`` of ``Nk`` positions) may see key ``j``."""
+    past = key_length - query_length
+    q_pos = torch.arange(past, key_length, device=device)[:, None]
+    k_pos = torch.arange(key_length, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask.bool()[:, None, None, :]
+    return mask
+
+
+class SFSA(nn.Module):
+    """Softmax-free spiking self-attention. Input ``[T, B, N, D]`` spikes -> output ``[T, B, N, D]`` spikes."""
+
+    def __init__(self, config: BiSpikCLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.attn_scale = config.effective_attn_scale
+        self.chunk_size = config.attn_chunk_size
+        self.q_proj, self.k_proj, self.v_proj = (SpikeLinear(d, d) for _ in range(3))
+        self.out_proj = SpikeLinear(d, d, binary=False)
+        self.q_neuron = LIFNeuron(**config.neuron_kwargs("q"))
+        self.k_neuron = LIFNeuron(**config.neuron_kwargs("k"))
+        self.v_neuron = LIFNeuron(**config.neuron_kwargs("v"))
+        self.attn_neuron = LIFNeuron(**config.neuron_kwargs("attn"))
+        self.out_neuron = LIFNeuron(**config.neuron_kwargs("attn_out"))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, n, _ = x.shape
+        return x.view(t, b, n, self.num_heads, self.head_dim).transpose(2, 3)  # [T, B, H, N, dh]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        """Binary attention map and integer output for queries ``q`` ``[T,B,H,N,dh]`` against ``k, v``."""
+        scores = spike_matmul(q, k.transpose(-1, -2))          # [T, B, H, N, Nk], integers
+        scores = scores.masked_fill(~mask, 0)                  # AND with the binary mask
+        attn = self.attn_neuron(scores * self.attn_scale, valid=mask)
+        return attn, spike_matmul(attn, v)                     # P, O = P V (integer counts)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, past_key_values=None,
+                output_attentions: bool = False):
+        """``x`` ``[T,B,N,D]`` binary; ``key_mask`` ``[B, Nk]`` (1 = real token) over past and new positions.
+
+        Returns ``(Y [T,B,N,D], mean_t P [B,H,N,Nk] or None)``."""
+        t, b, n, d = x.shape
+        q = self._heads(self.q_neuron(self.q_proj(x)))
+        k = self._heads(self.k_neuron(self.k_proj(x)))
+        v = self._heads(self.v_neuron(self.v_proj(x)))
+        if past_key_values is not None:  # cache layout [B, T, H, N, dh], bool
+            k, v = past_key_values.update(k.transpose(0, 1).bool(), v.transpose(0, 1).bool(), self.layer_idx)
+            k, v = k.transpose(0, 1).to(x.dtype), v.transpose(0, 1).to(x.dtype)
+        mask = causal_mask(n, k.shape[-2], key_mask, x.device)
+        chunk = self.chunk_size if (self.chunk_size and not torch.is_grad_enabled()) else n
+        maps, outs = [], []
+        for start in range(0, n, chunk):
+            attn, out = self.attend(q[..., start:start + chunk, :], k, v, mask[..., start:start + chunk, :])
+            outs.append(out)
+            if output_attentions:
+                maps.append(attn.mean(0))
+        o = torch.cat(outs, dim=-2).transpose(2, 3).reshape(t, b, n, d)
+        y = self.out_neuron(self.out_proj(o))
+        return y, (torch.cat(maps, dim=-2) if output_attentions else None)

@@ -1,0 +1,52 @@
+"""``bispikclm <command>``: one entry point, one module per command in :mod:`bispikclm.commands`.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``. Errors a user can fix raise
+:class:`bispikclm.errors.UserError`; they are printed as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+COMMANDS = {
+    "quickstart": "Train a small teacher on WikiText-2, distill a student with SpAD, evaluate, report cost",
+    "train": "Distill (or train) a BiSpikCLM student from a YAML recipe",
+    "eval": "Evaluate: perplexity, zero-shot tasks, threshold x time-step sweeps",
+    "audit": "List every non-spiking operation on the inference path (exit 1 if the blocks have any)",
+    "energy": "Count operations on real text and estimate energy against the ANN",
+    "report": "Write firing-pattern pictures and an HTML report for a run folder",
+    "generate": "Generate text from a checkpoint (PyTorch model or the packed engine)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bispikclm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"bispikclm.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"bispikclm.commands.{name}":
+                raise
+            continue
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"bispikclm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

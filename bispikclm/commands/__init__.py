@@ -1,0 +1,1 @@
+"""One module per ``bispikclm`` command; see :mod:`bispikclm.cli`."""

@@ -1,0 +1,75 @@
+"""Products whose left operand is spikes, stored compactly for backward.
+
+``torch.nn.functional.linear`` and ``torch.matmul`` keep their float inputs for the backward pass; a spike
+tensor holds only 0/1 (or small integer counts), so these functions keep it as ``bool`` (or ``int16``) and
+cast it back when the gradient is needed. Forward results are the plain dense products.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _compact(x: torch.Tensor, binary: bool) -> torch.Tensor:
+    return x.to(torch.bool) if binary else x.to(torch.int16)
+
+
+class _SpikeLinear(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, binary):
+        ctx.save_for_backward(_compact(x, binary), weight)
+        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        x = x.to(grad.dtype)
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad_x, grad_w.to(weight.dtype), grad_b, None
+
+
+class _SpikeMatmul(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, a, b, a_binary, b_binary):
+        ctx.save_for_backward(_compact(a, a_binary), _compact(b, b_binary))
+        return torch.matmul(a, b)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = grad @ b.to(grad.dtype).transpose(-1, -2) if ctx.needs_input_grad[0] else None
+        grad_b = a.to(grad.dtype).transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None
+
+
+def spike_matmul(a: torch.Tensor, b: torch.Tensor, a_binary: bool = True, b_binary: bool = True) -> torch.Tensor:
+    """``a @ b`` for spike tensors (0/1, or integer counts when ``*_binary`` is False)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _SpikeMatmul.apply(a, b, a_binary, b_binary)
+    return torch.matmul(a, b)
+
+
+class SpikeLinear(nn.Linear):
+    """``nn.Linear`` fed by spikes (``binary=True``) or integer spike counts (``binary=False``).
+
+    Same forward as ``nn.Linear``; the input is kept for backward as bool / int16 instead of float."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, binary: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.binary = binary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _SpikeLinear.apply(x, self.weight, self.bias, self.binary)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", binary={self.binary}"
