@@ -35,6 +35,9 @@ class BiSpikCLMConfig(PretrainedConfig):
     * ``neuron_overrides``: ``{group: {field: value}}`` for groups in :data:`NEURON_GROUPS`.
     * ``input_gain``: gain of the embedding current (``None``: ``1 / initializer_range``), decoupled from the
       scale of the tied head (METHOD §8).
+    * ``residual_scale``: initial per-channel weight of the spikes each branch adds to the residual stream
+      (``None``: ``min(1, 2 / num_hidden_layers)``); spikes are non-negative, so unweighted sums drift upwards
+      with depth and saturate the block-input neurons of deep models.
     * ``weight_gain``: linear weights start with std ``weight_gain / sqrt(fan_in * input_rate)`` so that
       currents driven by spikes at rate ``input_rate`` have unit scale.
     * ``spiking_head``: logits = mean_t head(SN(X_L[t])) instead of head(LayerNorm(mean_t X_L[t])).
@@ -58,9 +61,10 @@ class BiSpikCLMConfig(PretrainedConfig):
     surrogate_alpha: float | None = None
     detach_reset: bool = False
     attn_scale: float | None = None
-    attn_threshold: float = 0.125
+    attn_threshold: float = 0.05
     neuron_overrides: dict | None = None
     input_gain: float | None = None
+    residual_scale: float | None = None
     weight_gain: float = 1.0
     input_rate: float = 0.25
     initializer_range: float = 0.02
@@ -96,6 +100,7 @@ class BiSpikCLMConfig(PretrainedConfig):
         need(self.attn_scale is None or self.attn_scale > 0, "attn_scale", "must be > 0 or None")
         need(self.surrogate in SURROGATES, "surrogate", f"must be one of {SURROGATES}")
         need(self.neuron_backend in ("lean", "reference"), "neuron_backend", "must be 'lean' or 'reference'")
+        need(self.residual_scale is None or self.residual_scale > 0, "residual_scale", "must be > 0 or None")
         need(self.input_gain is None or self.input_gain > 0, "input_gain", "must be > 0 or None")
         need(0.0 < self.input_rate <= 1.0, "input_rate", "must be in (0, 1]")
         need(self.attn_chunk_size is None or self.attn_chunk_size >= 1, "attn_chunk_size", "must be >= 1 or None")
@@ -111,6 +116,10 @@ class BiSpikCLMConfig(PretrainedConfig):
     @property
     def effective_attn_scale(self) -> float:
         return 1.0 / self.head_dim if self.attn_scale is None else self.attn_scale
+
+    @property
+    def effective_residual_scale(self) -> float:
+        return min(1.0, 2.0 / self.num_hidden_layers) if self.residual_scale is None else self.residual_scale
 
     @property
     def effective_input_gain(self) -> float:

@@ -58,7 +58,9 @@ class SFFN(nn.Module):
 
 
 class BiSpikCLMBlock(GradientCheckpointingLayer):
-    """Spike-driven residual block: ``X' = X + SFSA(SN(X))``, ``X_next = X' + SFFN(SN(X'))``."""
+    """Spike-driven residual block: ``X' = X + g1 * SFSA(SN(X))``, ``X_next = X' + g2 * SFFN(SN(X'))``.
+
+    ``g1``, ``g2`` are learned per-channel weights of the residual spikes (``config.residual_scale`` at init)."""
 
     def __init__(self, config: BiSpikCLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -66,13 +68,17 @@ class BiSpikCLMBlock(GradientCheckpointingLayer):
         self.self_attn = SFSA(config, layer_idx)
         self.ffn_in_neuron = LIFNeuron(**config.neuron_kwargs("ffn_in"))
         self.ffn = SFFN(config)
+        # per-channel weights of the spikes each branch adds to the residual stream (a spike selects its weight:
+        # an accumulate, not a multiply); small at init so the stream does not drift into saturation with depth
+        self.attn_residual_scale = nn.Parameter(torch.full((config.hidden_size,), config.effective_residual_scale))
+        self.ffn_residual_scale = nn.Parameter(torch.full((config.hidden_size,), config.effective_residual_scale))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, past_key_values=None,
                 output_attentions: bool = False, output_spike_rates: bool = False):
         a = self.attn_in_neuron(x)
         y, attn = self.self_attn(a, key_mask, past_key_values, output_attentions)
-        x = x + y
-        x = x + self.ffn(self.ffn_in_neuron(x))
+        x = x + y * self.attn_residual_scale
+        x = x + self.ffn(self.ffn_in_neuron(x)) * self.ffn_residual_scale
         return x, attn, (a.mean(0) if output_spike_rates else None)
 
 
@@ -98,6 +104,9 @@ class BiSpikCLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
+        elif isinstance(module, BiSpikCLMBlock):
+            init.constant_(module.attn_residual_scale, cfg.effective_residual_scale)
+            init.constant_(module.ffn_residual_scale, cfg.effective_residual_scale)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
