@@ -1,0 +1,33 @@
+"""Shared fixtures: the real data folder (``BISPIKCLM_DATA``, default ``<repo>/../shared/data``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("BISPIKCLM_DATA", REPO.parent / "shared" / "data"))
+    if not (path / "wikitext-2" / "train.txt").is_file():
+        raise FileNotFoundError(f"data folder {path} lacks wikitext-2/train.txt; set BISPIKCLM_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_word_ids(data_dir):
+    """WikiText-2 as word ids: ``(train, valid, vocab_size)``, vocabulary = the 4,095 most frequent train words
+    plus one id for every other word (a tokenizer-free, real-text stream for model tests)."""
+    from collections import Counter
+
+    import torch
+
+    words = {split: (data_dir / "wikitext-2" / f"{split}.txt").read_text(encoding="utf-8").split()
+             for split in ("train", "valid")}
+    vocab = {w: i for i, (w, _) in enumerate(Counter(words["train"]).most_common(4095))}
+    ids = {s: torch.tensor([vocab.get(w, 4095) for w in ws]) for s, ws in words.items()}
+    return ids["train"], ids["valid"], 4096

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from bispikclm.neurons import SURROGATES, LIFNeuron, lif_lean, lif_membrane, lif_reference
+
+
+@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("detach_reset", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lean_equals_reference_outputs_and_gradients(surrogate, detach_reset, steps):
+    torch.manual_seed(0)
+    current = (torch.randn(steps, 3, 17, dtype=torch.float64) * 1.5).requires_grad_()
+    grad_out = torch.randn(steps, 3, 17, dtype=torch.float64)
+    out = {}
+    for name, fn in [("reference", lif_reference), ("lean", lif_lean)]:
+        x = current.detach().clone().requires_grad_()
+        spikes = fn(x, 0.6, 0.8, surrogate, 2.0, detach_reset)
+        (spikes * grad_out).sum().backward()
+        out[name] = (spikes, x.grad)
+    assert torch.equal(out["reference"][0], out["lean"][0])
+    torch.testing.assert_close(out["reference"][1], out["lean"][1], rtol=1e-12, atol=1e-12)
+    assert out["lean"][1].abs().sum() > 0
+
+
+def test_dynamics_match_the_equations():
+    current = torch.tensor([[0.6], [0.6], [0.6], [2.0]])
+    beta, theta = 0.5, 1.0
+    # U0 = .6 (no spike); U1 = .3 + .6 = .9 (no); U2 = .45 + .6 = 1.05 (spike); U3 = .525 + 2 - 1 = 1.525 (spike)
+    assert lif_reference(current, beta, theta).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    torch.testing.assert_close(lif_membrane(current, beta, theta).flatten(), torch.tensor([0.6, 0.9, 1.05, 1.525]))
+
+
+def test_spikes_are_binary_and_membrane_is_bounded():
+    torch.manual_seed(1)
+    beta, theta = 0.7, 0.5
+    current = torch.randn(64, 1000) * 3
+    spikes = LIFNeuron(beta=beta, threshold=theta)(current)
+    assert spikes.shape == current.shape
+    assert set(spikes.unique().tolist()) <= {0.0, 1.0}
+    bound = (current.abs().max() + theta) / (1 - beta)
+    assert lif_membrane(current, beta, theta).abs().max() <= bound
+
+
+def test_lean_backward_keeps_one_float_tensor():
+    current = torch.randn(4, 8, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lif_lean(current * 1.0, 0.5, 1.0)
+    assert len(saved) == 1 and saved[0].shape == current.shape
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lif_reference(current * 1.0, 0.5, 1.0)
+    assert len(saved) == 4  # one per time step, plus a graph node per operation
+
+
+def test_firing_rate_recording_counts_valid_entries():
+    neuron = LIFNeuron(threshold=1.0)
+    neuron.record = True
+    current = torch.tensor([[[2.0, 2.0, 0.0, 0.0]]])
+    neuron(current, valid=torch.tensor([True, True, True, False]))
+    assert neuron.spike_count == 2 and neuron.update_count == 3
+    assert float(neuron.firing_rate) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(beta=1.0), "beta"), (dict(beta=0.0), "beta"),
+                                           (dict(threshold=0.0), "threshold"), (dict(surrogate="relu"), "surrogate")])
+def test_bad_neuron_arguments(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LIFNeuron(**kwargs)
