@@ -60,7 +60,7 @@ class SFSA(nn.Module):
         """Binary attention map and integer output for queries ``q`` ``[T,B,H,N,dh]`` against ``k, v``."""
         scores = spike_matmul(q, k.transpose(-1, -2))          # [T, B, H, N, Nk], integers
         scores = scores.masked_fill(~mask, 0)                  # AND with the binary mask
-        attn = self.attn_neuron(scores * self.attn_scale, valid=mask)
+        attn = self.attn_neuron(scores, valid=mask, input_scale=self.attn_scale)
         return attn, spike_matmul(attn, v)                     # P, O = P V (integer counts)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, past_key_values=None,

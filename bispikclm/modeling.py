@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention import SFSA
 from .configuration import BiSpikCLMConfig
 from .neurons import LIFNeuron
-from .spike_ops import SpikeLinear
+from .spike_ops import SpikeLinear, spike_scale
 
 
 @dataclass
@@ -77,8 +77,8 @@ class BiSpikCLMBlock(GradientCheckpointingLayer):
                 output_attentions: bool = False, output_spike_rates: bool = False):
         a = self.attn_in_neuron(x)
         y, attn = self.self_attn(a, key_mask, past_key_values, output_attentions)
-        x = x + y * self.attn_residual_scale
-        x = x + self.ffn(self.ffn_in_neuron(x)) * self.ffn_residual_scale
+        x = x + spike_scale(y, self.attn_residual_scale)
+        x = x + spike_scale(self.ffn(self.ffn_in_neuron(x)), self.ffn_residual_scale)
         return x, attn, (a.mean(0) if output_spike_rates else None)
 
 

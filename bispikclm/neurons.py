@@ -82,6 +82,23 @@ def lif_membrane(current: torch.Tensor, beta: float, threshold: float) -> torch.
     return membrane
 
 
+def _lif_backward(membrane: torch.Tensor, grad_spikes: torch.Tensor, beta: float, threshold: float,
+                  surrogate: str, alpha: float, detach_reset: bool) -> torch.Tensor:
+    """Backpropagation through time of the LIF recursion, from the membrane potential alone."""
+    grad_current = torch.empty_like(membrane)
+    grad_u_next = None
+    for t in reversed(range(membrane.shape[0])):
+        grad_s = grad_spikes[t]
+        if grad_u_next is not None and not detach_reset:
+            grad_s = grad_s - threshold * grad_u_next
+        grad_u = grad_s * surrogate_grad(membrane[t] - threshold, surrogate, alpha)
+        if grad_u_next is not None:
+            grad_u = grad_u + beta * grad_u_next
+        grad_current[t] = grad_u
+        grad_u_next = grad_u
+    return grad_current
+
+
 class _LeanLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current, beta, threshold, surrogate, alpha, detach_reset):
@@ -93,27 +110,37 @@ class _LeanLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes):
         (membrane,) = ctx.saved_tensors
-        beta, threshold, surrogate, alpha, detach_reset = ctx.params
-        grad_current = torch.empty_like(membrane)
-        grad_u_next = None
-        for t in reversed(range(membrane.shape[0])):
-            grad_s = grad_spikes[t]
-            if grad_u_next is not None and not detach_reset:
-                grad_s = grad_s - threshold * grad_u_next
-            grad_u = grad_s * surrogate_grad(membrane[t] - threshold, surrogate, alpha)
-            if grad_u_next is not None:
-                grad_u = grad_u + beta * grad_u_next
-            grad_current[t] = grad_u
-            grad_u_next = grad_u
-        return grad_current, None, None, None, None, None
+        return _lif_backward(membrane, grad_spikes, *ctx.params), None, None, None, None, None
+
+
+class _LeanLIFLevels(torch.autograd.Function):
+    """LIF driven by ``scale * levels`` with small integer ``levels``: keeps the levels as uint8/int16 and
+    recomputes the membrane potential in backward (attention scores: integers in [0, head_dim])."""
+
+    @staticmethod
+    def forward(ctx, levels, scale, beta, threshold, surrogate, alpha, detach_reset):
+        current = levels * scale
+        membrane = lif_membrane(current, beta, threshold)
+        small = torch.uint8 if float(levels.max()) <= 255 and float(levels.min()) >= 0 else torch.int16
+        ctx.save_for_backward(levels.to(small))
+        ctx.params = (beta, threshold, surrogate, alpha, detach_reset)
+        ctx.scale, ctx.dtype = scale, levels.dtype
+        return (membrane >= threshold).to(levels.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (levels,) = ctx.saved_tensors
+        beta, threshold = ctx.params[:2]
+        membrane = lif_membrane(levels.to(ctx.dtype) * ctx.scale, beta, threshold)
+        grad_current = _lif_backward(membrane, grad_spikes, *ctx.params)
+        return grad_current * ctx.scale, None, None, None, None, None, None
 
 
 def lif_lean(current: torch.Tensor, beta: float, threshold: float, surrogate: str = "arctan",
              alpha: float = 2.0, detach_reset: bool = False) -> torch.Tensor:
-    """Memory-lean multi-step LIF with the same outputs and gradients as :func:`lif_reference`.
-
-    Keeps only the membrane potential ``[T, *]`` for backward (the reference keeps about five tensors
-    per time step through autograd)."""
+    """Multi-step LIF with the same outputs and gradients as :func:`lif_reference`, run without autograd's
+    per-step graph: it keeps one tensor, the membrane potential ``[T, *]``, and runs the backward recursion by
+    hand (the reference keeps a graph of about five nodes per time step)."""
     if not torch.is_grad_enabled() or not current.requires_grad:
         return (lif_membrane(current, beta, threshold) >= threshold).to(current.dtype)
     return _LeanLIF.apply(current, beta, threshold, surrogate, alpha, detach_reset)
@@ -157,11 +184,21 @@ class LIFNeuron(nn.Module):
         self.spike_count = 0.0
         self.update_count = 0.0
 
-    def forward(self, current: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, current: torch.Tensor, valid: torch.Tensor | None = None,
+                input_scale: float | None = None) -> torch.Tensor:
         """``current`` ``[T, *]``; ``valid`` (optional, broadcastable to ``current``) marks the entries
-        that count towards the recorded firing rate (e.g. the causal part of an attention map)."""
-        spikes = BACKENDS[self.backend](current, self.beta, self.threshold, self.surrogate, self.alpha,
-                                        self.detach_reset)
+        that count towards the recorded firing rate (e.g. the causal part of an attention map).
+
+        With ``input_scale``, ``current`` holds small non-negative integers (levels) and the neuron is driven
+        by ``input_scale * current``; the lean backend then keeps the levels as uint8 instead of a float
+        membrane."""
+        args = (self.beta, self.threshold, self.surrogate, self.alpha, self.detach_reset)
+        if input_scale is None:
+            spikes = BACKENDS[self.backend](current, *args)
+        elif self.backend == "lean" and torch.is_grad_enabled() and current.requires_grad:
+            spikes = _LeanLIFLevels.apply(current, input_scale, *args)
+        else:
+            spikes = BACKENDS[self.backend](current * input_scale, *args)
         if self.record:
             with torch.no_grad():
                 if valid is None:

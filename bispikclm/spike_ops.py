@@ -57,6 +57,27 @@ def spike_matmul(a: torch.Tensor, b: torch.Tensor, a_binary: bool = True, b_bina
     return torch.matmul(a, b)
 
 
+class _SpikeScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spikes, weight):
+        ctx.save_for_backward(spikes.to(torch.bool), weight)
+        return spikes * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        spikes, weight = ctx.saved_tensors
+        grad_spikes = grad * weight if ctx.needs_input_grad[0] else None
+        grad_weight = (grad * spikes).reshape(-1, weight.shape[-1]).sum(0)
+        return grad_spikes, grad_weight
+
+
+def spike_scale(spikes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``spikes * weight`` (per-channel weight over the last axis): a spike selects its weight."""
+    if torch.is_grad_enabled() and (spikes.requires_grad or weight.requires_grad):
+        return _SpikeScale.apply(spikes, weight)
+    return spikes * weight
+
+
 class SpikeLinear(nn.Linear):
     """``nn.Linear`` fed by spikes (``binary=True``) or integer spike counts (``binary=False``).
 

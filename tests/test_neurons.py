@@ -67,3 +67,24 @@ def test_firing_rate_recording_counts_valid_entries():
 def test_bad_neuron_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LIFNeuron(**kwargs)
+
+
+@pytest.mark.parametrize("detach_reset", [False, True])
+def test_integer_levels_path_equals_reference(detach_reset):
+    """The attention neuron keeps integer scores as uint8 and recomputes its membrane in backward."""
+    torch.manual_seed(3)
+    levels = torch.randint(0, 17, (4, 2, 3, 9, 9)).double().requires_grad_()
+    grad_out = torch.randn(levels.shape, dtype=torch.float64)
+    out = {}
+    for backend in ("reference", "lean"):
+        x = levels.detach().clone().requires_grad_()
+        neuron = LIFNeuron(beta=0.5, threshold=0.3, backend=backend, detach_reset=detach_reset)
+        spikes = neuron(x, input_scale=1 / 16)
+        (spikes * grad_out).sum().backward()
+        out[backend] = (spikes, x.grad)
+    assert torch.equal(out["reference"][0], out["lean"][0])
+    torch.testing.assert_close(out["reference"][1], out["lean"][1], rtol=1e-12, atol=1e-12)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LIFNeuron(threshold=0.3)(levels * 1.0, input_scale=1 / 16)
+    assert [t.dtype for t in saved] == [torch.uint8]
