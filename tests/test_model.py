@@ -158,3 +158,25 @@ def test_same_shape_student_from_teacher_configs():
         cfg = BiSpikCLMConfig.from_teacher_config(teacher, time_steps=4)
         assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.ffn_dim) == (64, 2, 4, ffn)
         assert cfg.vocab_size == teacher.vocab_size and cfg.time_steps == 4
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_reference_backend_and_gradient_checkpointing_give_the_same_gradients():
+    ids = torch.randint(0, 300, (2, 24))
+    lean = small_model().double().train()
+    reference = small_model(neuron_backend="reference").double().train()
+    reference.load_state_dict(lean.state_dict())
+    loss_a, grads_a = _grads(lean, ids)
+    loss_b, grads_b = _grads(reference, ids)
+    lean.activation_checkpointing_enable()
+    loss_c, grads_c = _grads(lean, ids)
+    assert loss_a == loss_b == loss_c
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grads_a[name], grads_c[name], rtol=1e-9, atol=1e-12)
