@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import UserError
 from .neurons import LIFNeuron
-from .tracing import trace_ops
+from .tracing import blocks_prefix, place, sections, trace_ops
 
 #: Energy of each kind of operation, in units of the table's ``mac_pj`` and ``ac_pj``.
 KIND_COST = {
@@ -157,23 +157,6 @@ def text_token_ids(tokenizer, path: str | Path | None = None, seq_len: int = 512
     return torch.tensor(ids[:needed]).view(num_sequences, seq_len)
 
 
-def _blocks_prefix(model: nn.Module) -> str:
-    """Path of the model's list of blocks: the ``ModuleList`` holding the most parameters."""
-    lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of blocks")
-    return max(lists)[1]
-
-
-def _place(path: str, blocks: str) -> tuple[int | None, str]:
-    """``(block index, path inside the block)`` for a module path; ``(None, path)`` outside the blocks."""
-    if path.startswith(blocks + "."):
-        index, _, rest = path[len(blocks) + 1:].partition(".")
-        return int(index), rest
-    return None, path
-
-
 def _is_attention(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1].lower()
     return "attn" in leaf or "attention" in leaf
@@ -182,16 +165,13 @@ def _is_attention(name: str) -> bool:
 def _product_entries(trace, modules: dict[str, nn.Module], blocks: str) -> list[CostEntry]:
     """MAC / AC / bias / AND entries of every matrix product in ``trace``."""
     entries, calls = [], defaultdict(int)
-    seen_block = False
-    for r in trace.records:
+    for r, section, layer, name in sections(trace.records, blocks):
         if not r.is_matmul:
             continue
-        layer, name = _place(r.module, blocks)
-        seen_block |= layer is not None
-        if layer is not None:
+        if section == "blocks":
             part = "attention" if any(_is_attention(p) for p in name.split(".")) else "ffn"
         else:
-            part = "head" if seen_block else "embedding"
+            part = section
         if not isinstance(modules.get(r.module), nn.Linear) and _is_attention(name):
             name += " Q·Kᵀ" if calls[r.module] % 2 == 0 else " P·V"   # attention runs Q·Kᵀ, then P·V
             calls[r.module] += 1
@@ -217,7 +197,7 @@ def _neuron_entries(model: nn.Module, blocks: str):
     entries, handles = [], []
     for path, module in model.named_modules():
         if isinstance(module, LIFNeuron):
-            layer, name = _place(path, blocks)
+            layer, name = place(path, blocks)
             part = "neurons" if layer is not None else "head"
 
             def hook(module, args, spikes, layer=layer, name=name, part=part):
@@ -266,7 +246,7 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
 
     model.eval()
     is_student = isinstance(model, BiSpikCLMForCausalLM)
-    blocks = _blocks_prefix(model)
+    blocks = blocks_prefix(model)
     attn_impl = getattr(model.config, "_attn_implementation", None)
     if not is_student and attn_impl not in (None, "eager"):
         model.set_attn_implementation("eager")
@@ -299,11 +279,37 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
                      entries=entries, firing_rates=rates, overall_firing_rate=overall)
 
 
+def load_checkpoint(path: str | Path):
+    """``(model, tokenizer)`` saved with ``save_pretrained`` in the folder ``path`` (a BiSpikCLM or any HF causal LM)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import modeling  # noqa: F401  (registers BiSpikCLM with the Auto classes)
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path} is not a saved model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"no tokenizer saved beside the model in {path}: {str(err).splitlines()[0]}") from None
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval(), tokenizer
+
+
+def same_shape_ann(config) -> nn.Module:
+    """A randomly initialised ``OPTForCausalLM`` with the student's shape: the ANN reference when no teacher is
+    given (its operation count depends only on its shape)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, ffn_dim=config.ffn_dim, word_embed_proj_dim=config.hidden_size,
+        max_position_embeddings=config.max_position_embeddings)).eval()
+
+
 def firing_rates_by_layer(rates: dict[str, float], blocks: str = "model.layers") -> dict[str, dict[str, float]]:
     """``{layer ("0", "1", ... or "head"): {neuron group: firing rate}}`` from ``{neuron path: rate}``."""
     table: dict[str, dict[str, float]] = defaultdict(dict)
     for path, rate in rates.items():
-        layer, name = _place(path, blocks)
+        layer, name = place(path, blocks)
         table["head" if layer is None else str(layer)][NEURON_GROUP_OF.get(name, name)] = rate
     return dict(table)
 

@@ -135,6 +135,34 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def blocks_prefix(model: nn.Module) -> str:
+    """Path of the model's list of blocks (``model.layers``, ``model.decoder.layers``, ``transformer.h``...):
+    the ``ModuleList`` holding the most parameters."""
+    lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of blocks")
+    return max(lists)[1]
+
+
+def place(path: str, blocks: str) -> tuple[int | None, str]:
+    """``(block index, path inside the block)`` for a module path; ``(None, path)`` outside the blocks."""
+    if path.startswith(blocks + "."):
+        index, _, rest = path[len(blocks) + 1:].partition(".")
+        return int(index), rest
+    return None, path
+
+
+def sections(records: list[OpRecord], blocks: str):
+    """Yield ``(record, section, layer, name)`` with section ``embedding`` (before the first block), ``blocks``
+    or ``head`` (after), ``layer`` the block index (``None`` outside) and ``name`` the path inside the block."""
+    seen_block = False
+    for record in records:
+        layer, name = place(record.module, blocks)
+        seen_block |= layer is not None
+        yield record, ("blocks" if layer is not None else "head" if seen_block else "embedding"), layer, name
+
+
 class trace_ops:
     """Context manager recording the matrix products, multiplications and forbidden operators run inside it.
 
