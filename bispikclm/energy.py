@@ -86,8 +86,9 @@ class CostEntry:
     """Operations of one kind at one place: ``part`` (see :data:`PARTS`), block index ``layer`` (``None``
     outside the blocks), ``name`` (module path inside the block or the model), ``kind`` (:data:`KIND_COST`).
 
-    ``dense`` is, for an ``ac`` entry, the MACs a product of the same shapes with real-valued inputs would do:
-    ``count / dense`` is the firing rate of the spike operand."""
+    For an ``ac`` entry of a product, ``dense`` is the MACs a product of the same shapes with real-valued inputs
+    would do, and ``operand`` the kind of its spike operand (``binary`` or ``count``): ``count / dense`` is the
+    operand's firing rate (for integer counts, its mean count)."""
 
     part: str
     layer: int | None
@@ -95,6 +96,7 @@ class CostEntry:
     kind: str
     count: float
     dense: float = 0.0
+    operand: str = ""
 
 
 @dataclass
@@ -116,10 +118,12 @@ class CostCount:
         """Energy of the whole pass (or of one part) in picojoules."""
         return sum(e.count * table.pj(e.kind) for e in self.entries if part in (None, e.part))
 
-    def product_spike_rate(self) -> float:
-        """Firing rate of the spike operands of all products, weighted by the products' sizes: ``ΣAC / ΣMAC-equiv``."""
-        dense = sum(e.dense for e in self.entries if e.kind == "ac")
-        return sum(e.count for e in self.entries if e.kind == "ac" and e.dense) / dense if dense else 0.0
+    def product_spike_rate(self, operand: str | None = None) -> float:
+        """Firing rate of the spike operands of all products (or of those of one ``operand`` kind), weighted by
+        the products' sizes: ``ΣAC / ΣMAC-equivalent``."""
+        chosen = [e for e in self.entries if e.kind == "ac" and e.dense and operand in (None, e.operand)]
+        dense = sum(e.dense for e in chosen)
+        return sum(e.count for e in chosen) / dense if dense else 0.0
 
     def grouped(self) -> list[CostEntry]:
         """Entries summed over repeated calls (same part, layer, name and kind), in order of first appearance."""
@@ -180,9 +184,9 @@ def _product_entries(trace, modules: dict[str, nn.Module], blocks: str) -> list[
         m, n = math.prod(left[:-1]), right[-1]                         # left [..., m, k] @ right [..., k, n]
         dense = math.prod(left) * n
         if kind_l in ("binary", "count"):
-            entries.append(CostEntry(part, layer, name, "ac", r.sums[0] * n, dense))
+            entries.append(CostEntry(part, layer, name, "ac", r.sums[0] * n, dense, kind_l))
         elif kind_r in ("binary", "count"):
-            entries.append(CostEntry(part, layer, name, "ac", r.sums[1] * left[-2], dense))  # fan-out: rows of left
+            entries.append(CostEntry(part, layer, name, "ac", r.sums[1] * left[-2], dense, kind_r))  # fan-out: rows
         else:
             entries.append(CostEntry(part, layer, name, "mac", dense))
         if name.endswith("Q·Kᵀ") and kind_l == kind_r == "binary":
@@ -326,7 +330,7 @@ def _summary(count: CostCount, table: EnergyTable) -> dict:
                            "percent_of_total": 100 * count.energy_pj(table, part) / total_pj, "ops_per_token": ops}
     lines = [{"part": e.part, "layer": e.layer, "name": e.name, "kind": e.kind, "per_token": e.count * per_token,
               "mj_per_token": e.count * table.pj(e.kind) * per_token * 1e-9,
-              **({"firing_rate": e.count / e.dense} if e.kind == "ac" and e.dense else {})}
+              **({"operand_rate": e.count / e.dense} if e.kind == "ac" and e.dense else {})}
              for e in count.grouped()]
     return {"model": count.model, "tokens": count.tokens, "time_steps": count.time_steps,
             "energy_mj_per_token": total_pj * per_token * 1e-9, "parts": parts, "lines": lines}
@@ -358,7 +362,8 @@ def energy_report(student: CostCount, ann: CostCount, table: EnergyTable = Energ
         "student": _summary(student, table),
         "ann": _summary(ann, table),
         "ratio": e_student / e_ann,
-        "formula": {"rate": rate, "ratio": table.ac_pj / table.mac_pj * t * rate,
+        "formula": {"rate": rate, "binary_operand_rate": student.product_spike_rate("binary"),
+                    "ratio": table.ac_pj / table.mac_pj * t * rate,
                     "coverage": dense_per_step * table.mac_pj / e_ann, "terms_outside": dict(outside)},
         "firing_rates": {"overall": student.overall_firing_rate,
                          "by_layer": firing_rates_by_layer(student.firing_rates)},
@@ -379,7 +384,8 @@ def format_report(report: dict) -> str:
     table = report["energy_table"]
     rows += [f"student / ANN = {100 * report['ratio']:.2f}%  (T = {report['time_steps']}, {report['tokens']} tokens, "
              f"{table['name']}: MAC {table['mac_pj']} pJ, AC {table['ac_pj']} pJ)",
-             f"formula (E_AC/E_MAC)·T·rate = {100 * f['ratio']:.2f}% at rate {f['rate']:.3f}, covering "
+             f"formula (E_AC/E_MAC)·T·rate = {100 * f['ratio']:.2f}% at rate {f['rate']:.3f} (binary operands "
+             f"alone: {f['binary_operand_rate']:.3f}; integer counts of P·V raise it), covering "
              f"{100 * f['coverage']:.1f}% of the ANN; outside it: {outside}",
              f"mean firing rate of all neurons: {report['firing_rates']['overall']:.3f}"]
     return "\n".join(rows)

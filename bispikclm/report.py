@@ -62,7 +62,8 @@ def plot_firing_pattern(spikes: list[torch.Tensor], path: str | Path, max_neuron
                 ax.set_ylabel(f"block {l}\nrate {layer_spikes.float().mean():.2f}\ntokens", fontsize=8)
             if l == layers - 1:
                 ax.set_xlabel("neurons", fontsize=8)
-    fig.suptitle(f"Block-input spikes SN(X_l)[t]: tokens (down) x first {max_neurons} neurons (across)", fontsize=10)
+    shown = min(max_neurons, spikes[0].shape[-1])
+    fig.suptitle(f"Block-input spikes SN(X_l)[t]: tokens (down) x first {shown} neurons (across)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
