@@ -5,8 +5,8 @@ Everything is counted from what runs (METHOD §6), not from a formula:
 * every matrix product is intercepted (:mod:`bispikclm.tracing`). A product with a spike operand (0/1, or the
   integer counts ``O = P V``) costs accumulates, ``AC = (spikes actually fired) x fan-out``; a product of two
   real-valued operands costs ``MAC = m x k x n``. ``addmm``/``baddbmm`` also add a bias: one AC per output.
-* the spike-by-spike product ``Q Kᵀ`` of an attention module is also listed as AND/popcount bit operations (``N x Nk x d_head`` per
-  head and step, informational: its energy is charged through its AC line).
+* the spike-by-spike product ``Q Kᵀ`` of an attention module is also listed as AND/popcount bit operations
+  (``N x Nk x d_head`` per head and step, informational: its energy is charged through its AC line).
 * every LIF neuron call costs one update per neuron and step (``β·U + I``: one MAC; the threshold comparison:
   one AC) and one AC per spike (the soft reset).
 * the student's remaining element-wise work is added from its structure: the embedding sum and input gain,
@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 
 from .errors import UserError
+from .modeling import BiSpikCLMForCausalLM
 from .neurons import LIFNeuron
 from .tracing import blocks_prefix, place, sections, trace_ops
 
@@ -246,8 +247,6 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
 
     Works for a :class:`~bispikclm.BiSpikCLMForCausalLM` and for any Hugging Face causal LM (whose attention
     is switched to ``eager`` for the pass, so that its attention products are counted)."""
-    from .modeling import BiSpikCLMForCausalLM
-
     model.eval()
     is_student = isinstance(model, BiSpikCLMForCausalLM)
     blocks = blocks_prefix(model)
@@ -284,10 +283,8 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
 
 
 def load_checkpoint(path: str | Path):
-    """``(model, tokenizer)`` saved with ``save_pretrained`` in the folder ``path`` (a BiSpikCLM or any HF causal LM)."""
+    """``(model, tokenizer)`` saved with ``save_pretrained`` in folder ``path`` (a BiSpikCLM or any HF causal LM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import modeling  # noqa: F401  (registers BiSpikCLM with the Auto classes)
 
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{path} is not a saved model folder (no config.json)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 import matplotlib
@@ -49,7 +50,7 @@ def plot_firing_pattern(spikes: list[torch.Tensor], path: str | Path, max_neuron
     """Rows = blocks, columns = time steps; each panel tokens (vertical) x the first ``max_neurons`` neurons."""
     layers, steps = len(spikes), spikes[0].shape[0]
     fig, axes = plt.subplots(layers, steps, figsize=(2.6 * steps + 1, 1.5 * layers + 0.8), squeeze=False,
-                             sharex=True, sharey=True)
+                             sharex=True, sharey=True, layout="constrained")
     for l, layer_spikes in enumerate(spikes):
         for t in range(steps):
             panel = layer_spikes[t, :, :max_neurons].float().numpy()
@@ -64,7 +65,6 @@ def plot_firing_pattern(spikes: list[torch.Tensor], path: str | Path, max_neuron
                 ax.set_xlabel("neurons", fontsize=8)
     shown = min(max_neurons, spikes[0].shape[-1])
     fig.suptitle(f"Block-input spikes SN(X_l)[t]: tokens (down) x first {shown} neurons (across)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -74,7 +74,7 @@ def plot_firing_rates(by_layer: dict[str, dict[str, float]], path: str | Path) -
     rows = sorted((k for k in by_layer if k != "head"), key=int) + (["head"] if "head" in by_layer else [])
     groups = [g for g in NEURON_GROUPS if any(g in by_layer[r] for r in rows)]
     values = torch.tensor([[by_layer[r].get(g, float("nan")) for g in groups] for r in rows])
-    fig, ax = plt.subplots(figsize=(0.85 * len(groups) + 2, 0.35 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(0.85 * len(groups) + 2, 0.35 * len(rows) + 1.5), layout="constrained")
     image = ax.imshow(values.numpy(), cmap="viridis", vmin=0, vmax=max(0.5, float(values.nan_to_num().max())),
                       aspect="auto")
     for i in range(len(rows)):
@@ -86,7 +86,6 @@ def plot_firing_rates(by_layer: dict[str, dict[str, float]], path: str | Path) -
     ax.set_yticks(range(len(rows)), [r if r == "head" else f"block {r}" for r in rows], fontsize=8)
     fig.colorbar(image, ax=ax, label="firing rate")
     ax.set_title("Firing rate per block and neuron group", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -107,31 +106,32 @@ def attention_maps(student: nn.Module, teacher: nn.Module | None, input_ids: tor
 
 
 def plot_attention(student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor] | None,
-                   path: str | Path) -> None:
-    """One row per block: the student's map, and beside it the teacher's (when given)."""
-    cols = 1 if teacher_maps is None else 2
-    fig, axes = plt.subplots(len(student_maps), cols, figsize=(2.8 * cols + 0.6, 2.6 * len(student_maps)),
-                             squeeze=False)
+                   path: str | Path, blocks_per_row: int = 4) -> None:
+    """Per block, the student's map and beside it the teacher's (when given); ``blocks_per_row`` blocks a row."""
+    per_block = 1 if teacher_maps is None else 2
+    across = min(blocks_per_row, len(student_maps))
+    rows = math.ceil(len(student_maps) / across)
+    fig, axes = plt.subplots(rows, across * per_block, figsize=(2.2 * across * per_block + 1, 2.3 * rows + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_axis_off()
     for l, student_map in enumerate(student_maps):
-        panels = [("student mean_t P", student_map)]
-        if teacher_maps is not None:
-            panels.append(("teacher softmax", teacher_maps[l]))
-        for c, (title, panel) in enumerate(panels):
-            ax = axes[l, c]
-            image = ax.imshow(panel.numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1), aspect="equal",
+        panels = [("student", student_map)] + ([("teacher", teacher_maps[l])] if teacher_maps is not None else [])
+        for c, (who, panel) in enumerate(panels):
+            ax = axes[l // across, (l % across) * per_block + c]
+            image = ax.imshow(panel.numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0, vmax=1),
                               interpolation="nearest")
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"block {l}: {title}", fontsize=8)
-    fig.suptitle("Attention maps (queries down, keys across), averaged over heads; colour scale sqrt", fontsize=9)
-    fig.tight_layout()
+            ax.set_title(f"block {l}: {who}", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention (sqrt scale)")
+    fig.suptitle("Attention maps averaged over heads, queries down, keys across\nstudent: mean_t P"
+                 + ("" if teacher_maps is None else "; teacher: softmax probabilities"), fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_energy(report: dict, path: str | Path) -> None:
     """Stacked bars: energy per token by part, student against the ANN."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
     for x, who in enumerate(("student", "ann")):
         bottom = 0.0
         for i, part in enumerate(PARTS):
@@ -142,7 +142,6 @@ def plot_energy(report: dict, path: str | Path) -> None:
     ax.set_ylabel("energy per token (mJ)")
     ax.set_title(f"student / ANN = {100 * report['ratio']:.2f}%", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -55,7 +55,8 @@ def hooked_spike_counts(model, input_ids):
             hook = lambda m, args, p, key=(layer, "self_attn P·V"): add(key, p, head_dim)  # noqa: E731
             handles.append(module.register_forward_hook(hook))
         if isinstance(module, LIFNeuron):
-            hook = lambda m, args, s, path=path: neurons.__setitem__(path, (args[0].numel(), float(s.sum())))  # noqa: E731
+            def hook(m, args, s, path=path):
+                neurons[path] = (args[0].numel(), float(s.sum()))
             handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
         model(input_ids=input_ids, use_cache=False)
@@ -75,7 +76,8 @@ def test_ann_count_matches_flop_counter(folders, input_ids):
     assert count.total("mac") == pytest.approx(flops.get_total_flops() / 2, rel=0.01)
     assert count.total("ac") == 0 and count.time_steps is None
     cfg = teacher.config
-    per_token_layer = 4 * cfg.hidden_size ** 2 + 2 * cfg.hidden_size * cfg.ffn_dim + 2 * input_ids.shape[1] * cfg.hidden_size
+    d, n = cfg.hidden_size, input_ids.shape[1]
+    per_token_layer = 4 * d * d + 2 * d * cfg.ffn_dim + 2 * n * d       # projections, FFN, Q·Kᵀ and P·V
     expected = input_ids.numel() * (cfg.num_hidden_layers * per_token_layer + cfg.hidden_size * cfg.vocab_size)
     assert count.total("mac") == pytest.approx(expected, rel=1e-9)
 
@@ -125,7 +127,8 @@ def test_formula_agrees_within_documented_head_and_neuron_terms(folders, input_i
         assert terms["neurons"] == pytest.approx(block_neurons / e_ann, rel=1e-9)
         # the spike-driven products are exactly the ANN's products (same shape), except a LayerNorm head
         spike_macs = sum(dense for _, dense in products.values()) / t
-        head_macs = 0 if model.config.spiking_head else input_ids.numel() * model.config.hidden_size * model.config.vocab_size
+        cfg = model.config
+        head_macs = 0 if cfg.spiking_head else input_ids.numel() * cfg.hidden_size * cfg.vocab_size
         assert spike_macs + head_macs == ann.total("mac")
         assert formula["coverage"] == pytest.approx(spike_macs * 4.6 / e_ann, rel=1e-9)
         gap = report["ratio"] - formula["ratio"] * formula["coverage"]

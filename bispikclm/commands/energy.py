@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     table = load_energy_table(args.energy_table) if args.energy_table else EnergyTable()
     input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences)
     ann = load_checkpoint(args.teacher)[0] if args.teacher else same_shape_ann(student.config)
+    if int(input_ids.max()) >= ann.get_input_embeddings().num_embeddings:
+        raise UserError(f"the student's tokenizer gives token ids beyond the teacher's vocabulary "
+                        f"({ann.get_input_embeddings().num_embeddings}); compare models that share a tokenizer")
     report = energy_report(count_operations(student, input_ids, name=args.checkpoint),
                            count_operations(ann, input_ids, name=args.teacher or "same-shape OPT"), table)
     print(format_report(report))
