@@ -76,7 +76,8 @@ def main() -> None:
     if args.run_dir:
         student, tokenizer = load_checkpoint(Path(args.run_dir) / "student")
         teacher = load_checkpoint(Path(args.run_dir) / "teacher")[0]
-        input_ids = text_token_ids(tokenizer, text, seq_len=min(args.seq_len, student.config.max_position_embeddings))
+        positions = student.config.max_position_embeddings
+        input_ids = text_token_ids(tokenizer, text, min(args.seq_len, positions))
         ann_count = count_operations(teacher, input_ids, name="quickstart teacher")
         for t in args.time_steps:
             student.config.time_steps = t

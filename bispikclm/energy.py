@@ -144,9 +144,12 @@ def default_text_path() -> Path:
     return Path(os.environ.get("BISPIKCLM_DATA", "../shared/data")) / "wikitext-2" / "test.txt"
 
 
-def text_token_ids(tokenizer, path: str | Path | None = None, seq_len: int = 512, num_sequences: int = 1
-                   ) -> torch.LongTensor:
-    """The first ``num_sequences x seq_len`` tokens of a text file (default: WikiText-2 test) as ``[S, seq_len]``."""
+def text_token_ids(tokenizer, path: str | Path | None = None, seq_len: int = 512, num_sequences: int = 1,
+                   max_length: int | None = None) -> torch.LongTensor:
+    """The first ``num_sequences x seq_len`` tokens of a text file (default: WikiText-2 test) as ``[S, seq_len]``;
+    ``max_length``: the model's number of positions, which ``seq_len`` may not exceed."""
+    if max_length is not None and seq_len > max_length:
+        raise UserError(f"sequence length {seq_len} is beyond the model's {max_length} positions")
     path = Path(path) if path is not None else default_text_path()
     needed, ids = seq_len * num_sequences, []
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch import nn  # noqa: E402
 from .audit import audit, format_audit  # noqa: E402
 from .configuration import NEURON_GROUPS  # noqa: E402
 from .energy import (PARTS, count_operations, energy_report, format_report, load_checkpoint,  # noqa: E402
-                     same_shape_ann, text_token_ids)
+                     same_shape_ann, save_report, text_token_ids)
 from .errors import UserError  # noqa: E402
 
 
@@ -153,8 +154,9 @@ def _image(path: Path) -> str:
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, text: str | Path | None = None,
                  tokens: int = 32, energy_seq_len: int = 256) -> Path:
-    """Pictures and ``report.html`` (images embedded) for ``run_dir`` holding ``student/`` and optionally
-    ``teacher/`` (``save_pretrained`` folders with tokenizers). Returns the path of the HTML file."""
+    """Pictures, ``energy.json``, ``audit.json`` and ``report.html`` (images embedded) for ``run_dir`` holding
+    ``student/`` and optionally ``teacher/`` (``save_pretrained`` folders with tokenizers), in ``out_dir``
+    (default ``run_dir/report``). Returns the path of the HTML file."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     if not (run_dir / "student").is_dir():
@@ -164,8 +166,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, text: s
         raise UserError(f"{run_dir / 'student'} is not a BiSpikCLM student")
     teacher = load_checkpoint(run_dir / "teacher")[0] if (run_dir / "teacher").is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
-    short = text_token_ids(tokenizer, text, seq_len=tokens)
-    long = text_token_ids(tokenizer, text, seq_len=energy_seq_len)
+    positions = student.config.max_position_embeddings
+    short = text_token_ids(tokenizer, text, tokens, max_length=positions)
+    long = text_token_ids(tokenizer, text, min(energy_seq_len, positions))
 
     plot_firing_pattern(block_input_spikes(student, short), out / "firing_pattern.png")
     energy = energy_report(count_operations(student, long, name="student"),
@@ -174,7 +177,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, text: s
     plot_firing_rates(energy["firing_rates"]["by_layer"], out / "firing_rates.png")
     plot_attention(*attention_maps(student, teacher, short), out / "attention.png")
     plot_energy(energy, out / "energy.png")
-    audit_text = format_audit(audit(student, short, name="student"))
+    audit_result = audit(student, short, name="student")
+    save_report(energy, out / "energy.json")
+    (out / "audit.json").write_text(json.dumps(audit_result.to_dict(), indent=1) + "\n")
 
     words = html.escape(tokenizer.decode(short[0]))
     ann_name = "the teacher" if teacher is not None else "a same-shape OPT (no teacher in the run folder)"
@@ -193,7 +198,7 @@ of the text: <i>{words}</i></p>
 <h2>Firing pattern</h2>{_image(out / "firing_pattern.png")}
 <h2>Firing rates</h2>{_image(out / "firing_rates.png")}
 <h2>Attention maps</h2>{_image(out / "attention.png")}
-<h2>MatMul-free audit</h2><pre>{html.escape(audit_text)}</pre>
+<h2>MatMul-free audit</h2><pre>{html.escape(format_audit(audit_result))}</pre>
 </body></html>
 """
     (out / "report.html").write_text(page)

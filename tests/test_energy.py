@@ -165,3 +165,4 @@ def test_energy_command(folders, data_dir, tmp_path, capsys):
     assert "student / ANN" in capsys.readouterr().out
     assert main(["energy", str(folders["teacher"]), "--text", text]) == 2   # an ANN is not a student
     assert main(["energy", str(tmp_path), "--text", text]) == 2
+    assert main(["energy", str(folders["student"]), "--text", text, "--seq-len", "100000"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -42,6 +43,8 @@ def test_report_command_writes_pictures_and_self_contained_html(run_dir, data_di
     for name in ("firing_pattern", "firing_rates", "attention", "energy"):
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0.05   # not blank
+    energy, audit = json.loads((out / "energy.json").read_text()), json.loads((out / "audit.json").read_text())
+    assert 0 < energy["ratio"] < 1 and energy["tokens"] == 32 and audit["blocks_clean"]
     page = (out / "report.html").read_text()
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 4
     assert not re.search(r'(src|href)="(?!data:)', page)       # nothing outside the file

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
-    input_ids = text_token_ids(tokenizer, args.text, seq_len=args.tokens)
+    input_ids = text_token_ids(tokenizer, args.text, args.tokens, max_length=model.config.max_position_embeddings)
     result = audit(model, input_ids, name=args.checkpoint)
     hint = "" if getattr(model.config, "spiking_head", True) else "spiking_head=False: LayerNorm and a real-valued " \
                                                                   "product; a model with spiking_head is binary here"

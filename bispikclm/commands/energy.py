@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.time_steps:
         student.config.time_steps = args.time_steps
     table = load_energy_table(args.energy_table) if args.energy_table else EnergyTable()
-    input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences)
+    input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences,
+                               max_length=student.config.max_position_embeddings)
     ann = load_checkpoint(args.teacher)[0] if args.teacher else same_shape_ann(student.config)
     if int(input_ids.max()) >= ann.get_input_embeddings().num_embeddings:
         raise UserError(f"the student's tokenizer gives token ids beyond the teacher's vocabulary "
