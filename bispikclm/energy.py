@@ -180,7 +180,8 @@ def _product_entries(trace, modules: dict[str, nn.Module], blocks: str) -> list[
             part = "attention" if any(_is_attention(p) for p in name.split(".")) else "ffn"
         else:
             part = section
-        if not isinstance(modules.get(r.module), nn.Linear) and _is_attention(name):
+        module = modules.get(r.module)
+        if _is_attention(name) and module is not None and not any(True for _ in module.parameters(recurse=False)):
             name += " Q·Kᵀ" if calls[r.module] % 2 == 0 else " P·V"   # attention runs Q·Kᵀ, then P·V
             calls[r.module] += 1
         (left, right), (kind_l, kind_r) = r.shapes[:2], r.kinds[:2]

@@ -82,6 +82,26 @@ def test_ann_count_matches_flop_counter(folders, input_ids):
     assert count.total("mac") == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ann_count_matches_flop_counter_for_other_families(input_ids, family):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+             if family == "gpt2" else
+             LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
+                                          eos_token_id=0)))
+    count = count_operations(model, input_ids)
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        model(input_ids=input_ids, use_cache=False)
+    assert count.total("mac") == pytest.approx(flops.get_total_flops() / 2, rel=0.01)
+    names = {e.name for e in count.entries if e.layer == 0}
+    attention = "attn" if family == "gpt2" else "self_attn"
+    assert {f"{attention} Q·Kᵀ", f"{attention} P·V"} <= names
+
+
 @pytest.mark.parametrize("student", ["student", "spiking_student"])
 def test_ac_count_equals_spikes_times_fan_out(folders, input_ids, student):
     model = load_checkpoint(folders[student])[0]
