@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -24,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.energy import (EnergyTable, count_operations, default_text_path, energy_report, format_report,
-                              load_checkpoint, same_shape_ann, text_token_ids)
+                              load_checkpoint, same_shape_ann, save_report, text_token_ids)
 
 
 def wikitext_tokenizer(data_text: Path, vocab_size: int = 8192, lines: int = 20000) -> PreTrainedTokenizerFast:
@@ -83,16 +82,14 @@ def main() -> None:
             student.config.time_steps = t
             runs.append(measure(student, ann_count, input_ids, f"quickstart student ({args.run_dir})", table))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    save_report({
         "command": "python " + shlex.join(["benchmarks/energy.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
         "text": f"{text}, first {args.seq_len} tokens (fewer if a model has fewer positions)",
         "torch": torch.__version__,
         "runs": runs,
-    }, indent=1) + "\n")
-    print(f"\nwritten to {out}")
+    }, args.out)
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -392,7 +393,13 @@ def format_report(report: dict) -> str:
     return "\n".join(rows)
 
 
+def report_json(report: dict) -> str:
+    """JSON text of a report (or of several), each cost line on one line of text."""
+    text = json.dumps(report, indent=1)
+    return re.sub(r'\{\n\s*("part": [^{}]*?)\n\s*\}', lambda m: "{" + re.sub(r"\n\s*", " ", m.group(1)) + "}", text)
+
+
 def save_report(report: dict, path: str | Path) -> None:
     """Write the report as JSON."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+    Path(path).write_text(report_json(report) + "\n")
