@@ -4,7 +4,8 @@ This is how the library checks its own claims ("every matrix product is fed by s
 division in the blocks"): it intercepts the ATen operators under a ``TorchDispatchMode`` instead of trusting the
 Python source. Each record names the operator, the innermost module path, and for each tensor operand whether it
 is ``binary`` (only 0/1), ``count`` (non-negative integers), ``scalar`` (a Python number or a 0-d tensor) or
-``float``.
+``float``; for the operands of matrix products that hold spikes (``binary`` or ``count``) it also keeps their sum,
+the number of spikes actually fired, from which the cost model counts accumulates.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ aten = torch.ops.aten
 
 MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten.matmul.default,
               aten.linear.default, aten._scaled_mm.default, aten.dot.default, aten.mv.default}
+BIAS_MATMUL_OPS = {aten.addmm.default, aten.baddbmm.default}
+#: Fused attention kernels: each runs a softmax inside.
+FUSED_ATTENTION_OPS = {aten._scaled_dot_product_flash_attention.default,
+                       aten._scaled_dot_product_flash_attention_for_cpu.default,
+                       aten._scaled_dot_product_efficient_attention.default,
+                       aten._scaled_dot_product_cudnn_attention.default}
 #: Operators that have no place inside the spiking blocks at inference.
 FORBIDDEN_OPS = {
-    "softmax": {aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default},
+    "softmax": {aten._softmax.default, aten._log_softmax.default, aten._safe_softmax.default, *FUSED_ATTENTION_OPS},
     "exp": {aten.exp.default, aten.exp2.default, aten.expm1.default, aten.sigmoid.default, aten.tanh.default,
-            aten.log.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor},
+            aten.log.default, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor, aten.erf.default, aten.gelu.default,
+            aten.silu.default},
     "division": {aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.reciprocal.default,
                  aten.rsqrt.default, aten.sqrt.default},
     "normalization": {aten.native_layer_norm.default, aten.native_batch_norm.default,
@@ -58,7 +66,10 @@ def operand_kind(x) -> str:
 
 @dataclass
 class OpRecord:
-    """One operator call: name, module path, operand kinds (tensor and scalar operands in order), shapes."""
+    """One operator call: name, module path, operand kinds (tensor and scalar operands in order), shapes.
+
+    For matrix products, ``sums`` holds each operand's sum when it is ``binary`` or ``count`` (``None`` otherwise)
+    and ``bias`` says whether the operator also added a bias (``addmm``, ``baddbmm``)."""
 
     op: str
     module: str
@@ -67,6 +78,8 @@ class OpRecord:
     is_matmul: bool = False
     forbidden: str | None = None
     is_mul: bool = False
+    sums: tuple[float | None, ...] = ()
+    bias: bool = False
 
 
 @dataclass
@@ -112,12 +125,42 @@ class _Recorder(TorchDispatchMode):
         if is_matmul or forbidden or is_mul:
             operands = _matmul_operands(func, args) if is_matmul else tree_flatten((args, kwargs))[0]
             operands = [a for a in operands if isinstance(a, (torch.Tensor, int, float)) and not isinstance(a, bool)]
+            kinds = tuple(operand_kind(a) for a in operands)
+            sums = tuple(float(a.sum()) if is_matmul and kind in ("binary", "count") else None
+                         for a, kind in zip(operands, kinds))
             self.trace.records.append(OpRecord(
-                op=str(func.overloadpacket.__name__), module=self.stack[-1] if self.stack else "",
-                kinds=tuple(operand_kind(a) for a in operands),
+                op=str(func.overloadpacket.__name__), module=self.stack[-1] if self.stack else "", kinds=kinds,
                 shapes=tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else () for a in operands),
-                is_matmul=is_matmul, forbidden=forbidden, is_mul=is_mul))
+                is_matmul=is_matmul, forbidden=forbidden, is_mul=is_mul, sums=sums, bias=func in BIAS_MATMUL_OPS))
         return out
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """Path of the model's list of blocks (``model.layers``, ``model.decoder.layers``, ``transformer.h``...):
+    the ``ModuleList`` holding the most parameters."""
+    lists = [(sum(p.numel() for p in m.parameters()), name) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of blocks")
+    return max(lists)[1]
+
+
+def place(path: str, blocks: str) -> tuple[int | None, str]:
+    """``(block index, path inside the block)`` for a module path; ``(None, path)`` outside the blocks."""
+    if path.startswith(blocks + "."):
+        index, _, rest = path[len(blocks) + 1:].partition(".")
+        return int(index), rest
+    return None, path
+
+
+def sections(records: list[OpRecord], blocks: str):
+    """Yield ``(record, section, layer, name)`` with section ``embedding`` (before the first block), ``blocks``
+    or ``head`` (after), ``layer`` the block index (``None`` outside) and ``name`` the path inside the block."""
+    seen_block = False
+    for record in records:
+        layer, name = place(record.module, blocks)
+        seen_block |= layer is not None
+        yield record, ("blocks" if layer is not None else "head" if seen_block else "embedding"), layer, name
 
 
 class trace_ops:

@@ -1,0 +1,32 @@
+"""``bispikclm audit CHECKPOINT``: list every non-spiking operation on the inference path; exit 1 if the blocks
+have any."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..audit import audit, format_audit
+from ..energy import load_checkpoint, text_token_ids
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="folder saved with save_pretrained (model and tokenizer)")
+    parser.add_argument("--text", default=None, help="text file to run on (default: WikiText-2 test from "
+                                                     "$BISPIKCLM_DATA, default ../shared/data)")
+    parser.add_argument("--tokens", type=int, default=128, help="number of tokens to run (default 128)")
+    parser.add_argument("--json", default=None, help="also write the findings to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    input_ids = text_token_ids(tokenizer, args.text, args.tokens, max_length=model.config.max_position_embeddings)
+    result = audit(model, input_ids, name=args.checkpoint)
+    hint = "" if getattr(model.config, "spiking_head", True) else "spiking_head=False: LayerNorm and a real-valued " \
+                                                                  "product; a model with spiking_head is binary here"
+    print(format_audit(result, head_hint=hint))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return 0 if result.blocks_clean else 1

@@ -1,0 +1,45 @@
+"""``bispikclm energy CHECKPOINT [--teacher PATH]``: count operations on real text and estimate energy against
+the ANN (the teacher, or a same-shape OPT when no teacher is given)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..energy import (EnergyTable, count_operations, energy_report, format_report, load_checkpoint,
+                      load_energy_table, same_shape_ann, save_report, text_token_ids)
+from ..errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="student folder saved with save_pretrained (model and tokenizer)")
+    parser.add_argument("--teacher", default=None, help="ANN folder to compare with (default: a same-shape OPT; "
+                                                        "its count depends only on its shape)")
+    parser.add_argument("--text", default=None, help="text file (default: WikiText-2 test from $BISPIKCLM_DATA, "
+                                                     "default ../shared/data)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--num-sequences", type=int, default=1, help="number of sequences (default 1)")
+    parser.add_argument("--time-steps", type=int, default=None, help="run the student with this T")
+    parser.add_argument("--energy-table", default=None, help="YAML/JSON file with mac_pj, ac_pj (default 45 nm: "
+                                                             "4.6 / 0.9 pJ)")
+    parser.add_argument("--json", default=None, help="also write the full report (every line) to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    student, tokenizer = load_checkpoint(args.checkpoint)
+    if not hasattr(student.config, "time_steps"):
+        raise UserError(f"{args.checkpoint} is not a BiSpikCLM student ({type(student).__name__})")
+    if args.time_steps:
+        student.config.time_steps = args.time_steps
+    table = load_energy_table(args.energy_table) if args.energy_table else EnergyTable()
+    input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences,
+                               max_length=student.config.max_position_embeddings)
+    ann = load_checkpoint(args.teacher)[0] if args.teacher else same_shape_ann(student.config)
+    if int(input_ids.max()) >= ann.get_input_embeddings().num_embeddings:
+        raise UserError(f"the student's tokenizer gives token ids beyond the teacher's vocabulary "
+                        f"({ann.get_input_embeddings().num_embeddings}); compare models that share a tokenizer")
+    report = energy_report(count_operations(student, input_ids, name=args.checkpoint),
+                           count_operations(ann, input_ids, name=args.teacher or "same-shape OPT"), table)
+    print(format_report(report))
+    if args.json:
+        save_report(report, args.json)
+    return 0

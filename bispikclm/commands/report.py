@@ -1,0 +1,23 @@
+"""``bispikclm report RUN_DIR``: firing-pattern pictures, firing rates, attention maps, energy and audit of the
+student in ``RUN_DIR/student`` (against ``RUN_DIR/teacher`` when present), as PNG files and one HTML file."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..report import build_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="folder holding student/ and optionally teacher/ (save_pretrained folders)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    parser.add_argument("--text", default=None, help="text file (default: WikiText-2 test from $BISPIKCLM_DATA, "
+                                                     "default ../shared/data)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens shown in the pictures (default 32)")
+    parser.add_argument("--energy-seq-len", type=int, default=256, help="tokens the energy is counted on")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = build_report(args.run_dir, args.out, args.text, args.tokens, args.energy_seq_len)
+    print(f"report written to {path}")
+    return 0

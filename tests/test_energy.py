@@ -1,0 +1,188 @@
+"""Operation counter and energy model, checked against PyTorch's FlopCounterMode and against spike counts
+taken independently with forward hooks, on real models and WikiText-2 test text."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from _energy_models import build_models
+from bispikclm.cli import main
+from bispikclm.energy import (EnergyTable, count_operations, energy_report, load_checkpoint, load_energy_table,
+                              text_token_ids)
+from bispikclm.errors import UserError
+from bispikclm.neurons import LIFNeuron
+
+
+@pytest.fixture(scope="module")
+def folders(data_dir, tmp_path_factory):
+    return build_models(data_dir, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def input_ids(folders, data_dir):
+    tokenizer = load_checkpoint(folders["student"])[1]
+    return text_token_ids(tokenizer, data_dir / "wikitext-2" / "test.txt", seq_len=48, num_sequences=2)
+
+
+def hooked_spike_counts(model, input_ids):
+    """Σ spikes x fan-out per product, and neuron updates/spikes, from forward hooks on the modules' real inputs
+    and outputs: ``{(layer or None, name): (AC, MAC-equivalent)}``, ``{path: (updates, spikes)}``."""
+    products, neurons, handles = defaultdict(lambda: [0.0, 0.0]), {}, []
+    n = input_ids.shape[1]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+
+    def add(key, spikes: torch.Tensor, fan_out: int):
+        products[key][0] += float(spikes.sum()) * fan_out
+        products[key][1] += spikes.numel() * fan_out
+
+    for path, module in model.named_modules():
+        parts = path.split(".")
+        layer = int(parts[2]) if path.startswith("model.layers.") else None
+        name = ".".join(parts[3:]) if layer is not None else path
+        if isinstance(module, nn.Linear):
+            hook = lambda m, args, out, key=(layer, name): add(key, args[0], m.out_features)  # noqa: E731
+            handles.append(module.register_forward_hook(hook))
+        elif name == "self_attn.q_neuron":   # each query spike meets every key: fan-out N
+            hook = lambda m, args, q, key=(layer, "self_attn Q·Kᵀ"): add(key, q, n)  # noqa: E731
+            handles.append(module.register_forward_hook(hook))
+        elif name == "self_attn.attn_neuron":  # each attention spike adds one binary V row: fan-out d_head
+            hook = lambda m, args, p, key=(layer, "self_attn P·V"): add(key, p, head_dim)  # noqa: E731
+            handles.append(module.register_forward_hook(hook))
+        if isinstance(module, LIFNeuron):
+            def hook(m, args, s, path=path):
+                neurons[path] = (args[0].numel(), float(s.sum()))
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=input_ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return dict(products), neurons
+
+
+def test_ann_count_matches_flop_counter(folders, input_ids):
+    teacher = load_checkpoint(folders["teacher"])[0]
+    implementation = teacher.config._attn_implementation
+    count = count_operations(teacher, input_ids)
+    assert teacher.config._attn_implementation == implementation   # restored after counting
+    teacher.set_attn_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        teacher(input_ids=input_ids, use_cache=False)
+    assert count.total("mac") == pytest.approx(flops.get_total_flops() / 2, rel=0.01)
+    assert count.total("ac") == 0 and count.time_steps is None
+    cfg = teacher.config
+    d, n = cfg.hidden_size, input_ids.shape[1]
+    per_token_layer = 4 * d * d + 2 * d * cfg.ffn_dim + 2 * n * d       # projections, FFN, Q·Kᵀ and P·V
+    expected = input_ids.numel() * (cfg.num_hidden_layers * per_token_layer + cfg.hidden_size * cfg.vocab_size)
+    assert count.total("mac") == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ann_count_matches_flop_counter_for_other_families(input_ids, family):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+             if family == "gpt2" else
+             LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
+                                          eos_token_id=0)))
+    count = count_operations(model, input_ids)
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        model(input_ids=input_ids, use_cache=False)
+    assert count.total("mac") == pytest.approx(flops.get_total_flops() / 2, rel=0.01)
+    names = {e.name for e in count.entries if e.layer == 0}
+    attention = "attn" if family == "gpt2" else "self_attn"
+    assert {f"{attention} Q·Kᵀ", f"{attention} P·V"} <= names
+
+
+@pytest.mark.parametrize("student", ["student", "spiking_student"])
+def test_ac_count_equals_spikes_times_fan_out(folders, input_ids, student):
+    model = load_checkpoint(folders[student])[0]
+    count = count_operations(model, input_ids)
+    products, neurons = hooked_spike_counts(model, input_ids)
+    counted = defaultdict(float)
+    for e in count.entries:
+        if e.kind == "ac":
+            counted[(e.layer, e.name)] += e.count
+    float_head = not model.config.spiking_head
+    expected = {key: ac for key, (ac, _) in products.items() if not (float_head and key == (None, "lm_head"))}
+    assert set(counted) == set(expected)
+    for key, ac in expected.items():
+        assert counted[key] == pytest.approx(ac, rel=1e-9), key
+    assert count.total("ac") > 0 and all(ac > 0 for ac in expected.values())
+    assert count.total("neuron_update") == sum(u for u, _ in neurons.values())
+    assert count.total("spike_reset") == pytest.approx(sum(s for _, s in neurons.values()), rel=1e-9)
+    out = model(input_ids=input_ids, use_cache=False, output_firing_rates=True)
+    assert count.firing_rates == pytest.approx(out.firing_rates, rel=1e-9)
+    if float_head:   # the LayerNorm head's product has a real-valued input; mean_t and LayerNorm: 5 mul each
+        tokens_d = input_ids.numel() * model.config.hidden_size
+        assert count.total("mac", "head") == tokens_d * model.config.vocab_size
+        assert count.total("elementwise_mul", "head") == 5 * tokens_d
+
+
+def test_formula_agrees_within_documented_head_and_neuron_terms(folders, input_ids):
+    table = EnergyTable()
+    teacher = load_checkpoint(folders["teacher"])[0]
+    ann = count_operations(teacher, input_ids)
+    for name in ("spiking_student", "student"):
+        model = load_checkpoint(folders[name])[0]
+        report = energy_report(count_operations(model, input_ids), ann, table)
+        products, neurons = hooked_spike_counts(model, input_ids)
+        if not model.config.spiking_head:
+            products.pop((None, "lm_head"))
+        rate = sum(ac for ac, _ in products.values()) / sum(dense for _, dense in products.values())
+        formula, t = report["formula"], model.config.time_steps
+        assert formula["rate"] == pytest.approx(rate, rel=1e-9)
+        assert formula["ratio"] == pytest.approx(0.9 / 4.6 * t * rate, rel=1e-9)
+        e_ann = ann.energy_pj(table)
+        block_neurons = sum(u * (4.6 + 0.9) + s * 0.9 for path, (u, s) in neurons.items() if path.startswith("model."))
+        terms = formula["terms_outside"]
+        assert terms["neurons"] == pytest.approx(block_neurons / e_ann, rel=1e-9)
+        # the spike-driven products are exactly the ANN's products (same shape), except a LayerNorm head
+        spike_macs = sum(dense for _, dense in products.values()) / t
+        cfg = model.config
+        head_macs = 0 if cfg.spiking_head else input_ids.numel() * cfg.hidden_size * cfg.vocab_size
+        assert spike_macs + head_macs == ann.total("mac")
+        assert formula["coverage"] == pytest.approx(spike_macs * 4.6 / e_ann, rel=1e-9)
+        gap = report["ratio"] - formula["ratio"] * formula["coverage"]
+        small = terms["bias"] + terms["embedding"] + terms["residual"]
+        assert abs(gap - terms["neurons"] - terms["head"]) <= small * 1.0001
+        assert small < 0.2 * (terms["neurons"] + terms["head"])
+        if not model.config.spiking_head:   # the real-valued head alone costs the ANN's head
+            assert terms["head"] > head_macs * 4.6 / e_ann
+
+
+def test_energy_table_from_file(folders, input_ids, tmp_path):
+    model = load_checkpoint(folders["spiking_student"])[0]
+    count = count_operations(model, input_ids)
+    path = tmp_path / "table.yaml"
+    path.write_text("name: doubled\nmac_pj: 9.2\nac_pj: 1.8\n")
+    doubled = load_energy_table(path)
+    assert doubled == EnergyTable("doubled", 9.2, 1.8)
+    assert count.energy_pj(doubled) == pytest.approx(2 * count.energy_pj(EnergyTable()), rel=1e-9)
+    (tmp_path / "bad.json").write_text(json.dumps({"mac": 1}))
+    with pytest.raises(UserError, match="mac_pj"):
+        load_energy_table(tmp_path / "bad.json")
+
+
+def test_energy_command(folders, data_dir, tmp_path, capsys):
+    out = tmp_path / "energy.json"
+    text = str(data_dir / "wikitext-2" / "test.txt")
+    code = main(["energy", str(folders["spiking_student"]), "--teacher", str(folders["teacher"]), "--text", text,
+                 "--seq-len", "32", "--time-steps", "4", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["time_steps"] == 4 and report["tokens"] == 32
+    assert 0 < report["ratio"] < 1
+    assert set(report["student"]["parts"]) == {"embedding", "attention", "ffn", "neurons", "residual", "head"}
+    assert "student / ANN" in capsys.readouterr().out
+    assert main(["energy", str(folders["teacher"]), "--text", text]) == 2   # an ANN is not a student
+    assert main(["energy", str(tmp_path), "--text", text]) == 2
+    assert main(["energy", str(folders["student"]), "--text", text, "--seq-len", "100000"]) == 2
