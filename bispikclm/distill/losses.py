@@ -119,8 +119,13 @@ class FeatureLoss(nn.Module):
         return total / len(self.projs)
 
 
+def _scaled(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """A fresh copy of ``logits / tau`` in at least float32 (safe to modify in place)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True).div_(tau)
+
+
 def _chunked_logsumexp(logits: torch.Tensor, tau: float, chunk: int) -> torch.Tensor:
-    parts = [torch.logsumexp(logits[:, i:i + chunk].float() / tau, dim=-1) for i in range(0, logits.shape[-1], chunk)]
+    parts = [torch.logsumexp(_scaled(logits[:, i:i + chunk], tau), dim=-1) for i in range(0, logits.shape[-1], chunk)]
     return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
 
 
@@ -133,8 +138,8 @@ class _ChunkedKL(torch.autograd.Function):
         lse_s, lse_t = _chunked_logsumexp(student, tau, chunk), _chunked_logsumexp(teacher, tau, chunk)
         kl = torch.zeros_like(lse_s)
         for i in range(0, student.shape[-1], chunk):
-            log_t = teacher[:, i:i + chunk].float().div_(tau).sub_(lse_t[:, None])
-            log_ratio = log_t - student[:, i:i + chunk].float().div_(tau).sub_(lse_s[:, None])
+            log_t = _scaled(teacher[:, i:i + chunk], tau).sub_(lse_t[:, None])
+            log_ratio = log_t - _scaled(student[:, i:i + chunk], tau).sub_(lse_s[:, None])
             kl += torch.linalg.vecdot(log_t.exp_(), log_ratio)
         ctx.save_for_backward(student, teacher, lse_s, lse_t)
         ctx.tau, ctx.chunk = tau, chunk
@@ -147,9 +152,9 @@ class _ChunkedKL(torch.autograd.Function):
         scale = grad * tau / student.shape[0]          # d(τ² KL)/dz_s = τ (p_s - p_t)
         grad_student = torch.empty_like(student)
         for i in range(0, student.shape[-1], chunk):
-            p_s = student[:, i:i + chunk].float().div_(tau).sub_(lse_s[:, None]).exp_()
-            p_t = teacher[:, i:i + chunk].float().div_(tau).sub_(lse_t[:, None]).exp_()
-            grad_student[:, i:i + chunk] = p_s.sub_(p_t).mul_(scale)
+            p_s = _scaled(student[:, i:i + chunk], tau).sub_(lse_s[:, None]).exp_()
+            p_t = _scaled(teacher[:, i:i + chunk], tau).sub_(lse_t[:, None]).exp_()
+            grad_student[:, i:i + chunk] = p_s.sub_(p_t).mul_(scale).to(student.dtype)
         return grad_student, None, None, None
 
 

@@ -46,14 +46,15 @@ def load_teacher(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrai
     return freeze(model)
 
 
-def check_teacher(teacher: PreTrainedModel, vocab_size: int, seq_len: int) -> None:
-    """Raise :class:`UserError` unless ``teacher`` fits a tokenizer of ``vocab_size`` tokens, sequences of
-    ``seq_len`` tokens, and returns hidden states and attention maps."""
+def check_teacher(teacher: PreTrainedModel, tokenizer_size: int, seq_len: int) -> None:
+    """Raise :class:`UserError` unless ``teacher`` covers a tokenizer of ``tokenizer_size`` tokens (models may pad
+    their vocabulary beyond it), takes sequences of ``seq_len`` tokens, and returns hidden states and attention
+    maps."""
     name = type(teacher).__name__
     teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-    if teacher_vocab != vocab_size:
-        raise UserError(f"vocabulary mismatch: the teacher ({name}) has {teacher_vocab} output tokens, the tokenizer "
-                        f"and student {vocab_size}; use the teacher's own tokenizer")
+    if tokenizer_size > teacher_vocab:
+        raise UserError(f"vocabulary mismatch: the tokenizer has {tokenizer_size} tokens, the teacher ({name}) only "
+                        f"{teacher_vocab} output tokens; use the teacher's own tokenizer")
     positions = positions_of(teacher.config)
     if positions is not None and seq_len > positions:
         raise UserError(f"sequence length {seq_len} is beyond the teacher's {positions} positions")

@@ -120,6 +120,11 @@ class Trainer:
         if train_data.shape[1] != config.seq_len:
             raise UserError(f"training sequences have length {train_data.shape[1]}, the config says {config.seq_len}")
         self.train_data, self.val_data = train_data, val_data
+        if teacher is not None:
+            teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+            if teacher_vocab != model.config.vocab_size:
+                raise UserError(f"vocabulary mismatch: the student has {model.config.vocab_size} output tokens, the "
+                                f"teacher {teacher_vocab}")
         self.spad = SpADLoss(model.config, teacher.config if teacher is not None else None, config.weights,
                              config.tau, config.vocab_chunk_size)
         self.teacher = teacher.to(acc.device) if teacher is not None and self.spad.needs_teacher else None
