@@ -59,9 +59,15 @@ def write_recipe(path: Path, teacher: Path, data_dir: Path, **train) -> Path:
     return path
 
 
-def cli(*args: str, launcher: tuple[str, ...] = (), **kwargs) -> subprocess.CompletedProcess:
-    """Run ``bispikclm ARGS`` in a fresh single-threaded process (so that results are bit-reproducible)."""
+def cli_command(*args: str, launcher: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """Command line and environment of ``bispikclm ARGS`` in a fresh single-threaded process (so that results are
+    bit-reproducible), optionally under a launcher such as ``-m torch.distributed.run``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *launcher, "-m", "bispikclm", *args, "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=300, **kwargs)
+    return [sys.executable, *launcher, "-m", "bispikclm", *args, "--no-progress"], env
+
+
+def cli(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``bispikclm ARGS`` (see :func:`cli_command`) to completion."""
+    argv, env = cli_command(*args, launcher=launcher)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)

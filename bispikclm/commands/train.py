@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     final = trainer.fit(resume=args.resume)
     if trainer.accelerator.is_main_process:
         (Path(args.out) / "final.json").write_text(json.dumps(final, indent=1))
-        summary = {k: final[k] for k in ("step", "tokens", "loss", "val_ppl", "tokens_per_s", "skipped_steps")
+        summary = {k: final[k] for k in ("step", "tokens", "loss", "val_ppl", "tokens_per_s", "skipped_steps", "processes")
                    if k in final}
         print(json.dumps(summary))
     return 0

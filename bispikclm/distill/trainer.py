@@ -109,7 +109,8 @@ class Trainer:
         mixed = config.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=mixed)
+        # cpu=True lets accelerate see torchrun's processes on machines without GPUs (gloo backend)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         acc = self.accelerator
         world = acc.num_processes
         micro = config.micro_batch_size or config.batch_size // world
@@ -337,4 +338,4 @@ class Trainer:
             acc.unwrap_model(self.model).save_pretrained(str(self.out_dir / "model"))
             self.writer.close()
         acc.wait_for_everyone()
-        return {**metrics, **last_eval, "skipped_steps": self.skipped}
+        return {**metrics, **last_eval, "skipped_steps": self.skipped, "processes": acc.num_processes}

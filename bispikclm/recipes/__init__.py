@@ -29,15 +29,14 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["section.key=value", ...]`` (value parsed as YAML) -> ``{section: {key: value}}``."""
+    """``["section.key=value", "key=value", ...]`` (values parsed as YAML) -> nested ``{section: {key: value}}``."""
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
+        if not sep or not key:
             raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=0.001")
-        section, name = key.split(".", 1)
-        node = out.setdefault(section, {})
-        *parents, leaf = name.split(".")
+        node = out
+        *parents, leaf = key.split(".")
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = yaml.safe_load(value)
