@@ -122,3 +122,24 @@ def test_spad_loss_logs_every_term_and_switches_terms_off():
         SpADLoss(config, None, {"soft": 0.5})
     with pytest.raises(ValueError, match="unknown SpAD terms"):
         SpADLoss(config, config, {"kd": 1.0})
+
+
+def test_spad_aligns_a_smaller_student_with_a_real_gpt2_teacher():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bispikclm.distill import teacher_forward
+    from bispikclm.distill.teacher import freeze
+
+    torch.manual_seed(0)
+    teacher = freeze(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=48, n_layer=4, n_head=6, n_positions=32,
+                                                bos_token_id=0, eos_token_id=0)))
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=4, ffn_dim=64)
+    student = BiSpikCLMForCausalLM(config)
+    spad = SpADLoss(config, teacher.config)
+    assert spad.map == [2, 4]
+    ids = torch.randint(0, 64, (2, 12))
+    loss, terms = spad(student(ids, use_cache=False, **spad.student_outputs()), teacher_forward(teacher, ids), ids)
+    loss.backward()
+    assert set(terms) == {"emb", "attn", "feat", "soft", "hard"} and all(v.isfinite() for v in terms.values())
+    assert spad.emb.proj.weight.grad.abs().sum() > 0 and spad.feat.projs[1].weight.grad.abs().sum() > 0

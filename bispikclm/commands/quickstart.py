@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=os.environ.get("BISPIKCLM_CACHE", str(Path.home() / ".cache" /
                                                                                    "bispikclm")),
                         help="where the trained tokenizer and token ids are cached")
+    parser.add_argument("--test-tokens", type=int, help="score only the first N test tokens (default: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     timings["student_train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    test = ids["test"]
+    test = ids["test"][: args.test_tokens]
     results = {
         "teacher_ppl": perplexity(teacher, test, context),
         "student_ppl": perplexity(student, test, context),

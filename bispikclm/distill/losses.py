@@ -197,11 +197,10 @@ class SpADLoss(nn.Module):
         self.hard = HardTargetLoss()
         if not self.needs_teacher:
             return
-        d_s, t_steps = student_config.hidden_size, student_config.time_steps
-        d_t = getattr(teacher_config, "hidden_size", None) or teacher_config.n_embd
-        l_s = student_config.num_hidden_layers
-        l_t = getattr(teacher_config, "num_hidden_layers", None) or teacher_config.n_layer
-        self.map = layer_map(l_s, l_t)
+        # Hugging Face configs map these names for every architecture (GPT-2: n_embd, n_layer)
+        d_s, d_t = student_config.hidden_size, teacher_config.hidden_size
+        l_s, t_steps = student_config.num_hidden_layers, student_config.time_steps
+        self.map = layer_map(l_s, teacher_config.num_hidden_layers)
         attn_neuron, block_neuron = student_config.neuron_kwargs("attn"), student_config.neuron_kwargs("block_in")
         self.emb = EmbeddingLoss(d_s, d_t)
         self.attn = AttentionLoss(attn_neuron["beta"], attn_neuron["threshold"], t_steps)
