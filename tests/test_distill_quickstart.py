@@ -1,4 +1,5 @@
-"""The quickstart end to end (slow): its run folder, and the acceptance criterion at the default budget."""
+"""The quickstart end to end: its run folder at a tiny budget, and (slow) the acceptance criterion at the default
+budget."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ SMALL = ["--teacher-tokens", "8192", "--student-tokens", "8192", "--test-tokens"
          "--set", "teacher_train.eval_batches=2", "--set", "train.eval_batches=2"]
 
 
-@pytest.mark.slow
 def test_quickstart_writes_its_run_folder(data_dir, tmp_path):
     out = tmp_path / "run"
     done = cli("quickstart", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *SMALL)

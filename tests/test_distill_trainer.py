@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from bispikclm.cli import main
 from distill_setup import cli, cli_command, make_teacher, make_tokenizer, write_recipe
 
-STEPS = 24
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
