@@ -186,6 +186,9 @@ class Trainer:
             if self.spiking and out.firing_rates:
                 rates = layer_rates(out.firing_rates)
         totals = {k: acc.reduce(v, "mean") for k, v in totals.items()}
+        for p in self.spad.parameters():   # projectors live outside the wrapped model: average their gradients here
+            if p.grad is not None:
+                p.grad = acc.reduce(p.grad, "mean")
         if acc.distributed_type == DistributedType.FSDP:
             norm = acc.clip_grad_norm_(self.params, float("inf")).float()
         else:
