@@ -60,10 +60,12 @@ def test_resume_after_kill_9_gives_the_same_loss_sequence(setup):
 
 def test_two_processes_match_one_with_the_same_global_batch(setup):
     root, teacher, data_dir = setup
+    # a student narrower than the teacher, so that the SpAD projectors (outside the wrapped model) train too
     recipe = write_recipe(root / "ddp.yaml", teacher, data_dir, tokens=4 * 32 * 6)
-    one = cli("train", str(recipe), "--out", str(root / "one"))
+    narrow = ("--set", "student.hidden_size=16")
+    one = cli("train", str(recipe), "--out", str(root / "one"), *narrow)
     assert one.returncode == 0, one.stderr
-    two = cli("train", str(recipe), "--out", str(root / "two"),
+    two = cli("train", str(recipe), "--out", str(root / "two"), *narrow,
               launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"))
     assert two.returncode == 0, two.stderr
     assert json.loads((root / "two" / "final.json").read_text())["processes"] == 2
@@ -72,6 +74,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     assert all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
     wa, wb = weights(root / "one"), weights(root / "two")
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
+    pa, pb = (torch.load(root / run / "checkpoints" / "step-00000006" / "state.pt")["spad"] for run in ("one", "two"))
+    assert pa and all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
 
 
 def error_line(capsys) -> str:
