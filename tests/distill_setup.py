@@ -67,7 +67,7 @@ def cli_command(*args: str, launcher: tuple[str, ...] = ()) -> tuple[list[str], 
     return [sys.executable, *launcher, "-m", "bispikclm", *args, "--no-progress"], env
 
 
-def cli(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def cli(*args: str, launcher: tuple[str, ...] = (), timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``bispikclm ARGS`` (see :func:`cli_command`) to completion."""
     argv, env = cli_command(*args, launcher=launcher)
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)

@@ -30,7 +30,8 @@ def test_quickstart_writes_its_run_folder(data_dir, tmp_path):
 @pytest.mark.slow
 def test_quickstart_student_is_within_twice_the_teacher_and_far_below_unigram(data_dir, tmp_path):
     out = tmp_path / "run"
-    done = cli("quickstart", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+    done = cli("quickstart", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+               timeout=3600)
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["student_ppl"] <= 2 * results["teacher_ppl"]
