@@ -1,0 +1,199 @@
+"""``bispikclm quickstart``: train a small OPT teacher on WikiText-2, distill a same-shape BiSpikCLM student with
+SpAD, and compare both (and a unigram model) on WikiText-2 test perplexity.
+
+Run folder: ``tokenizer/``, ``teacher/`` (model, metrics, checkpoints), ``student/`` (the same),
+``results.json``, ``loss_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..configuration import BiSpikCLMConfig
+from ..data import encode, load_texts, pack, train_tokenizer, unigram_log_probs
+from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..errors import UserError
+from ..modeling import BiSpikCLMForCausalLM
+from ..recipes import load_recipe, merge, parse_overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=os.environ.get("BISPIKCLM_DATA", "../shared/data"),
+                        help="folder holding wikitext-2/{train,valid,test}.txt (default: $BISPIKCLM_DATA or "
+                             "../shared/data)")
+    parser.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+    parser.add_argument("--recipe", default="quickstart", help="recipe name or YAML file (default: quickstart)")
+    parser.add_argument("--teacher-tokens", type=int, help="teacher training tokens (recipe: teacher_train.tokens)")
+    parser.add_argument("--student-tokens", type=int, help="student distillation tokens (recipe: train.tokens)")
+    parser.add_argument("--time-steps", type=int, help="student time steps T (recipe: student.time_steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any recipe value, e.g. --set teacher.num_hidden_layers=4 --set train.lr=0.002 "
+                             "--set train.weights.soft=0 (repeatable)")
+    parser.add_argument("--cache-dir", default=os.environ.get("BISPIKCLM_CACHE", str(Path.home() / ".cache" /
+                                                                                   "bispikclm")),
+                        help="where the trained tokenizer and token ids are cached")
+    parser.add_argument("--test-tokens", type=int, help="score only the first N test tokens (default: all)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def recipe_from_args(args: argparse.Namespace) -> dict:
+    flags = {"teacher_train": {"tokens": args.teacher_tokens}, "train": {"tokens": args.student_tokens},
+             "student": {"time_steps": args.time_steps}}
+    flags = {s: {k: v for k, v in d.items() if v is not None} for s, d in flags.items()}
+    return merge(merge(load_recipe(args.recipe), flags), parse_overrides(args.set))
+
+
+def wikitext_ids(data: Path, vocab_size: int, cache_dir: Path):
+    """Tokenizer trained on WikiText-2 train (cached) and the token ids of train/valid/test (cached)."""
+    folder = data / "wikitext-2"
+    try:
+        digest = hashlib.sha256((folder / "train.txt").read_bytes()).hexdigest()[:16]
+    except OSError as err:
+        raise UserError(f"cannot read WikiText-2 from {folder}: {err.strerror}; pass --data DIR") from None
+    cache = cache_dir / f"wikitext2-bpe{vocab_size}-{digest}"
+    tokenizer = train_tokenizer(load_texts(str(folder), "train"), vocab_size, cache)
+    ids_path = cache / "ids.pt"
+    if ids_path.is_file():
+        ids = torch.load(ids_path)
+    else:
+        ids = {split: encode(load_texts(str(folder), split), tokenizer) for split in ("train", "valid", "test")}
+        torch.save(ids, ids_path)
+    return tokenizer, ids
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, context: int, batch_size: int = 32) -> float:
+    """Perplexity of ``model`` on the token stream ``ids`` ``[num_tokens]`` in non-overlapping windows of
+    ``context`` tokens (every position but each window's first is predicted)."""
+    model.eval()
+    windows = pack(ids, context)
+    nll, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        logits = model(batch, use_cache=False).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def unigram_perplexity(train_ids: torch.Tensor, ids: torch.Tensor, vocab_size: int, context: int) -> float:
+    """Perplexity of the add-one smoothed unigram model on the same predicted tokens as :func:`perplexity`."""
+    targets = pack(ids, context)[:, 1:].reshape(-1)
+    return math.exp(-float(unigram_log_probs(train_ids, vocab_size)[targets].mean()))
+
+
+@torch.no_grad()
+def firing_rate(model, ids: torch.Tensor, context: int, windows: int = 16) -> dict[str, float]:
+    """Mean firing rate of every neuron group of a spiking ``model`` on the first ``windows`` test windows."""
+    model.eval()
+    out = model(pack(ids, context)[:windows], use_cache=False, output_firing_rates=True)
+    rates = out.firing_rates
+    groups: dict[str, list[float]] = {}
+    for name, rate in rates.items():
+        groups.setdefault(name.split(".")[-1], []).append(rate)
+    return {"mean": sum(rates.values()) / len(rates), **{g: sum(r) / len(r) for g, r in sorted(groups.items())}}
+
+
+def plot_curves(out: Path) -> None:
+    """``loss_curves.png``: training loss per step (with each SpAD term) of teacher and student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name in zip(axes, ("teacher", "student")):
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss" in r]
+        for key in sorted({k for r in steps for k in r if k == "loss" or k.startswith("loss_")}):
+            ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=key, linewidth=0.8)
+        evals = [r for r in rows if "val_loss" in r]
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o", label="val_loss")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = recipe_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    vocab_size = recipe["tokenizer"]["vocab_size"]
+    tokenizer, ids = wikitext_ids(Path(args.data), vocab_size, Path(args.cache_dir))
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    timings["data_s"] = time.perf_counter() - start
+
+    teacher_cfg, student_cfg = TrainConfig.from_dict(recipe["teacher_train"]), TrainConfig.from_dict(recipe["train"])
+    context = teacher_cfg.seq_len
+    train_seqs, val_seqs = pack(ids["train"], context), pack(ids["valid"], context)
+    progress = not args.no_progress
+
+    start = time.perf_counter()
+    torch.manual_seed(teacher_cfg.seed)
+    opt_config = OPTConfig(vocab_size=len(tokenizer), word_embed_proj_dim=recipe["teacher"]["hidden_size"],
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, **recipe["teacher"])
+    trained = Trainer(OPTForCausalLM(opt_config), teacher_cfg, train_seqs, val_seqs, out / "teacher",
+                      progress=progress).fit()
+    timings["teacher_train_s"] = time.perf_counter() - start
+    teacher = load_teacher(str(out / "teacher" / "model"))
+    check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
+
+    start = time.perf_counter()
+    torch.manual_seed(student_cfg.seed)
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe["student"])
+    student = BiSpikCLMForCausalLM(config)
+    distilled = Trainer(student, student_cfg, train_seqs, val_seqs, out / "student", teacher=teacher,
+                        progress=progress).fit()
+    timings["student_train_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    test = ids["test"][: args.test_tokens]
+    results = {
+        "teacher_ppl": perplexity(teacher, test, context),
+        "student_ppl": perplexity(student, test, context),
+        "unigram_ppl": unigram_perplexity(ids["train"], test, len(tokenizer), context),
+        "student_firing_rates": firing_rate(student, test, context),
+        "test_tokens": int(pack(test, context)[:, 1:].numel()),
+        "teacher_tokens_per_s": trained["tokens_per_s"], "student_tokens_per_s": distilled["tokens_per_s"],
+        "teacher_train_tokens": trained["tokens"], "student_train_tokens": distilled["tokens"],
+        "student_skipped_steps": distilled["skipped_steps"],
+    }
+    timings["eval_s"] = time.perf_counter() - start
+    results["ratio"] = results["student_ppl"] / results["teacher_ppl"]
+    results.update(timings, recipe=recipe)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_curves(out)
+
+    rates = results["student_firing_rates"]
+    print(f"\nWikiText-2 test perplexity ({results['test_tokens']:,} tokens, windows of {context}):")
+    print(f"  {'model':<28}{'perplexity':>12}")
+    print(f"  {'unigram (add-one)':<28}{results['unigram_ppl']:>12.1f}")
+    print(f"  {'OPT teacher':<28}{results['teacher_ppl']:>12.1f}")
+    print(f"  {f'BiSpikCLM student (T={config.time_steps})':<28}{results['student_ppl']:>12.1f}")
+    print(f"  student / teacher = {results['ratio']:.2f}")
+    print("student firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    print(f"time: data {timings['data_s']:.0f} s, teacher {timings['teacher_train_s']:.0f} s "
+          f"({trained['tokens_per_s']:.0f} tok/s), student {timings['student_train_s']:.0f} s "
+          f"({distilled['tokens_per_s']:.0f} tok/s), eval {timings['eval_s']:.0f} s; run folder {out}")
+    return 0

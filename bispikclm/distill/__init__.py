@@ -1,0 +1,8 @@
+"""SpAD distillation: teachers, losses and the trainer."""
+
+from .losses import DEFAULT_WEIGHTS, TERMS, SpADLoss
+from .teacher import TeacherOutput, check_teacher, load_teacher, teacher_forward
+from .trainer import TrainConfig, Trainer, TrainingDiverged
+
+__all__ = ["DEFAULT_WEIGHTS", "TERMS", "SpADLoss", "TeacherOutput", "TrainConfig", "Trainer", "TrainingDiverged",
+           "check_teacher", "load_teacher", "teacher_forward"]

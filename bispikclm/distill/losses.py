@@ -1,0 +1,235 @@
+"""Spike-Aware Alignment Distillation, SpAD (METHOD §4)::
+
+    L = λ1·L_emb + λ2·L_attn + λ3·L_feat + λ4·L_soft + λ5·L_hard,    default λ = (0.2, 0.1, 0.1, 0.3, 0.3)
+
+Each term is a small module. Chosen details where the method is silent:
+
+* Hidden states of the teacher and (projected) student are compared after a LayerNorm without parameters on
+  both sides: the student's residual stream carries ``input_gain`` times the embedding plus spike sums, the
+  teacher's its own scale, so only their directions are comparable.
+* Rate-MSE: the teacher's value is fed as a constant current for ``T`` steps into a LIF neuron with the
+  student's parameters for that place; the student's firing rate is matched to that neuron's rate. For hidden
+  states the current is the layer-normed teacher state (unit scale, as the student's block input at init);
+  where widths differ, per-token mean rates are compared.
+* Attention maps are compared over the causal entries; head counts that differ are averaged over heads.
+* Layers are mapped uniformly: student layer ``i`` of ``Ls`` takes teacher layer ``round(i · Lt / Ls)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..configuration import BiSpikCLMConfig
+from ..neurons import lif_lean
+from .teacher import TeacherOutput
+
+TERMS = ("emb", "attn", "feat", "soft", "hard")
+DEFAULT_WEIGHTS = {"emb": 0.2, "attn": 0.1, "feat": 0.1, "soft": 0.3, "hard": 0.3}
+
+
+@torch.no_grad()
+def rate_target(value: torch.Tensor, beta: float, threshold: float, time_steps: int) -> torch.Tensor:
+    """Firing rate (same shape as ``value``) of a LIF neuron fed ``value`` as a constant current for
+    ``time_steps`` steps: the rate a spiking copy of the teacher would have there."""
+    current = value.float().unsqueeze(0).expand(time_steps, *value.shape)
+    return lif_lean(current, beta, threshold).mean(0)
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer (1-based) aligned with each student layer ``1..student_layers``, spread uniformly."""
+    return [round(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)]
+
+
+def projector(student_dim: int, teacher_dim: int) -> nn.Module:
+    """Maps student states to the teacher's width: identity when widths agree, else an identity-initialized
+    linear layer (the first ``min`` channels pass through)."""
+    if student_dim == teacher_dim:
+        return nn.Identity()
+    proj = nn.Linear(student_dim, teacher_dim)
+    with torch.no_grad():
+        proj.weight.copy_(torch.eye(teacher_dim, student_dim))
+        proj.bias.zero_()
+    return proj
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between layer-normed ``student`` and ``teacher`` states ``[B, N, D]`` (no affine parameters)."""
+    d = teacher.shape[-1]
+    return F.mse_loss(F.layer_norm(student.float(), (d,)), F.layer_norm(teacher.float(), (d,)))
+
+
+class EmbeddingLoss(nn.Module):
+    """L_emb: the student's (time-averaged) embedding output against the teacher's, ``[B, N, D]`` each."""
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.proj = projector(student_dim, teacher_dim)
+
+    def forward(self, student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
+        return normalized_mse(self.proj(student_embedding), teacher_embedding)
+
+
+class AttentionLoss(nn.Module):
+    """L_attn: MSE of the student's mean_t P against the teacher's softmax map, plus Rate-MSE against the rate
+    of the student's attention neuron fed the teacher's probabilities. Maps ``[B, H, N, N]``."""
+
+    def __init__(self, beta: float, threshold: float, time_steps: int) -> None:
+        super().__init__()
+        self.beta, self.threshold, self.time_steps = beta, threshold, time_steps
+
+    def forward(self, student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for s, t in zip(student_maps, teacher_maps):
+            s, t = s.float(), t.float()
+            if s.shape[1] != t.shape[1]:
+                s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+            causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+            s, t = s[..., causal], t[..., causal]
+            target = rate_target(t, self.beta, self.threshold, self.time_steps)
+            total = total + F.mse_loss(s, t) + F.mse_loss(s, target)
+        return total / len(student_maps)
+
+
+class FeatureLoss(nn.Module):
+    """L_feat: per aligned layer, MSE between LayerNorm(proj(mean_t H_student)) and the teacher's hidden state,
+    plus Rate-MSE of the student's block-input spike rate against the block-input neuron fed the teacher's
+    (layer-normed) state. States ``[B, N, D]``."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, num_layers: int, beta: float, threshold: float,
+                 time_steps: int) -> None:
+        super().__init__()
+        self.projs = nn.ModuleList(projector(student_dim, teacher_dim) for _ in range(num_layers))
+        self.beta, self.threshold, self.time_steps = beta, threshold, time_steps
+
+    def forward(self, student_hidden: list[torch.Tensor], student_rates: list[torch.Tensor],
+                teacher_hidden: list[torch.Tensor], teacher_inputs: list[torch.Tensor]) -> torch.Tensor:
+        """``student_hidden[i]``/``teacher_hidden[i]``: outputs of aligned layers; ``student_rates[i]``: the
+        block-input spike rate of student layer ``i``, whose teacher counterpart is ``teacher_inputs[i]``."""
+        total = 0.0
+        for proj, s, t in zip(self.projs, student_hidden, teacher_hidden):
+            total = total + normalized_mse(proj(s), t)
+        for rate, t in zip(student_rates, teacher_inputs):
+            target = rate_target(F.layer_norm(t.float(), t.shape[-1:]), self.beta, self.threshold, self.time_steps)
+            rate = rate.float()
+            if rate.shape[-1] != target.shape[-1]:
+                rate, target = rate.mean(-1), target.mean(-1)
+            total = total + F.mse_loss(rate, target)
+        return total / len(self.projs)
+
+
+def _scaled(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """A fresh copy of ``logits / tau`` in at least float32 (safe to modify in place)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True).div_(tau)
+
+
+def _chunked_logsumexp(logits: torch.Tensor, tau: float, chunk: int) -> torch.Tensor:
+    parts = [torch.logsumexp(_scaled(logits[:, i:i + chunk], tau), dim=-1) for i in range(0, logits.shape[-1], chunk)]
+    return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """τ²·mean over rows of KL(softmax(t/τ) ‖ softmax(s/τ)) for logits ``[M, V]``; float32 log-probabilities
+    exist for one chunk of the vocabulary at a time, in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, tau, chunk):
+        lse_s, lse_t = _chunked_logsumexp(student, tau, chunk), _chunked_logsumexp(teacher, tau, chunk)
+        kl = torch.zeros_like(lse_s)
+        for i in range(0, student.shape[-1], chunk):
+            log_t = _scaled(teacher[:, i:i + chunk], tau).sub_(lse_t[:, None])
+            log_ratio = log_t - _scaled(student[:, i:i + chunk], tau).sub_(lse_s[:, None])
+            kl += torch.linalg.vecdot(log_t.exp_(), log_ratio)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t)
+        ctx.tau, ctx.chunk = tau, chunk
+        return kl.mean() * tau**2
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher, lse_s, lse_t = ctx.saved_tensors
+        tau, chunk = ctx.tau, ctx.chunk
+        scale = grad * tau / student.shape[0]          # d(τ² KL)/dz_s = τ (p_s - p_t)
+        grad_student = torch.empty_like(student)
+        for i in range(0, student.shape[-1], chunk):
+            p_s = _scaled(student[:, i:i + chunk], tau).sub_(lse_s[:, None]).exp_()
+            p_t = _scaled(teacher[:, i:i + chunk], tau).sub_(lse_t[:, None]).exp_()
+            grad_student[:, i:i + chunk] = p_s.sub_(p_t).mul_(scale).to(student.dtype)
+        return grad_student, None, None, None
+
+
+class SoftTargetLoss(nn.Module):
+    """L_soft: τ²·KL(softmax(z_teacher/τ) ‖ softmax(z_student/τ)), averaged over positions, computed in chunks
+    of ``chunk_size`` vocabulary entries. Logits ``[B, N, V]``."""
+
+    def __init__(self, tau: float = 2.0, chunk_size: int = 8192) -> None:
+        super().__init__()
+        self.tau, self.chunk_size = tau, chunk_size
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        v = student_logits.shape[-1]
+        return _ChunkedKL.apply(student_logits.reshape(-1, v), teacher_logits.detach().reshape(-1, v),
+                                self.tau, self.chunk_size)
+
+
+class HardTargetLoss(nn.Module):
+    """L_hard: next-token cross-entropy of logits ``[B, N, V]`` on ``input_ids`` ``[B, N]`` (float32)."""
+
+    def forward(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+class SpADLoss(nn.Module):
+    """The weighted sum of the SpAD terms; a term with weight 0 is switched off and not computed.
+
+    ``forward`` returns ``(loss, {term: value})`` with every active term's unweighted value (detached)."""
+
+    def __init__(self, student_config: BiSpikCLMConfig, teacher_config=None, weights: dict | None = None,
+                 tau: float = 2.0, vocab_chunk_size: int = 8192) -> None:
+        super().__init__()
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        unknown = set(self.weights) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown SpAD terms {sorted(unknown)} (known: {TERMS})")
+        self.active = [name for name in TERMS if self.weights[name] > 0]
+        if self.needs_teacher and teacher_config is None:
+            raise ValueError(f"SpAD terms {self.active} need a teacher")
+        self.hard = HardTargetLoss()
+        if not self.needs_teacher:
+            return
+        # Hugging Face configs map these names for every architecture (GPT-2: n_embd, n_layer)
+        d_s, d_t = student_config.hidden_size, teacher_config.hidden_size
+        l_s, t_steps = student_config.num_hidden_layers, student_config.time_steps
+        self.map = layer_map(l_s, teacher_config.num_hidden_layers)
+        attn_neuron, block_neuron = student_config.neuron_kwargs("attn"), student_config.neuron_kwargs("block_in")
+        self.emb = EmbeddingLoss(d_s, d_t)
+        self.attn = AttentionLoss(attn_neuron["beta"], attn_neuron["threshold"], t_steps)
+        self.feat = FeatureLoss(d_s, d_t, l_s, block_neuron["beta"], block_neuron["threshold"], t_steps)
+        self.soft = SoftTargetLoss(tau, vocab_chunk_size)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(name != "hard" for name in self.active)
+
+    def student_outputs(self) -> dict[str, bool]:
+        """Keyword arguments the student's forward needs for the active terms."""
+        return dict(output_hidden_states="emb" in self.active or "feat" in self.active,
+                    output_attentions="attn" in self.active, output_spike_rates="feat" in self.active)
+
+    def forward(self, student_out, teacher_out: TeacherOutput | None, input_ids: torch.Tensor):
+        terms: dict[str, torch.Tensor] = {}
+        if "hard" in self.active:
+            terms["hard"] = self.hard(student_out.logits, input_ids)
+        if "soft" in self.active:
+            terms["soft"] = self.soft(student_out.logits, teacher_out.logits)
+        if "emb" in self.active:
+            terms["emb"] = self.emb(student_out.hidden_states[0], teacher_out.hidden_states[0])
+        if "attn" in self.active:
+            terms["attn"] = self.attn(student_out.attentions, [teacher_out.attentions[j - 1] for j in self.map])
+        if "feat" in self.active:
+            terms["feat"] = self.feat(
+                student_out.hidden_states[1:], student_out.spike_rates,
+                [teacher_out.hidden_states[j] for j in self.map],
+                [teacher_out.hidden_states[0]] + [teacher_out.hidden_states[j] for j in self.map[:-1]])
+        loss = sum(self.weights[name] * value for name, value in terms.items())
+        return loss, {name: value.detach() for name, value in terms.items()}

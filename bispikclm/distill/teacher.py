@@ -1,0 +1,71 @@
+"""The teacher: any Hugging Face causal LM (OPT, Llama, GPT-2, ...), frozen, returning hidden states and
+attention probabilities (METHOD §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from ..errors import UserError
+
+
+@dataclass
+class TeacherOutput:
+    """``logits`` ``[B, N, V]``; ``hidden_states``: ``L + 1`` tensors ``[B, N, D]`` (embedding output first);
+    ``attentions``: ``L`` softmax maps ``[B, H, N, N]``."""
+
+    logits: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...]
+    attentions: tuple[torch.Tensor, ...]
+
+
+def positions_of(config) -> int | None:
+    """Number of positions a causal LM config supports (``None`` if it does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(config, name, None) is not None:
+            return int(getattr(config, name))
+    return None
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch ``model`` to eager attention (softmax maps are only returned by it), eval mode, no gradients."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_teacher(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM with ``from_pretrained`` (a hub name or a local ``save_pretrained`` folder), frozen."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="eager", dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load teacher {name_or_path!r}: {str(err).splitlines()[0]}") from None
+    return freeze(model)
+
+
+def check_teacher(teacher: PreTrainedModel, tokenizer_size: int, seq_len: int) -> None:
+    """Raise :class:`UserError` unless ``teacher`` covers a tokenizer of ``tokenizer_size`` tokens (models may pad
+    their vocabulary beyond it), takes sequences of ``seq_len`` tokens, and returns hidden states and attention
+    maps."""
+    name = type(teacher).__name__
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if tokenizer_size > teacher_vocab:
+        raise UserError(f"vocabulary mismatch: the tokenizer has {tokenizer_size} tokens, the teacher ({name}) only "
+                        f"{teacher_vocab} output tokens; use the teacher's own tokenizer")
+    positions = positions_of(teacher.config)
+    if positions is not None and seq_len > positions:
+        raise UserError(f"sequence length {seq_len} is beyond the teacher's {positions} positions")
+    out = teacher_forward(teacher, torch.zeros(1, 2, dtype=torch.long, device=teacher.device))
+    if not out.attentions or any(a is None for a in out.attentions) or not out.hidden_states:
+        raise UserError(f"the teacher ({name}) returns no attention maps or hidden states; it needs an eager "
+                        f"attention implementation and must be loaded with from_pretrained, not unpickled")
+
+
+@torch.no_grad()
+def teacher_forward(teacher: PreTrainedModel, input_ids: torch.Tensor) -> TeacherOutput:
+    """Logits, hidden states and attention probabilities of the frozen teacher for ``input_ids`` ``[B, N]``."""
+    out = teacher(input_ids=input_ids, output_hidden_states=True, output_attentions=True, use_cache=False)
+    return TeacherOutput(out.logits, tuple(out.hidden_states or ()), tuple(out.attentions or ()))

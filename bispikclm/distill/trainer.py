@@ -1,0 +1,343 @@
+"""Training loop on Hugging Face Accelerate: SpAD distillation (or plain cross-entropy) of a causal LM.
+
+One process or several (``torchrun --nproc_per_node N``; gloo on CPU, NCCL/FSDP on GPUs). ``batch_size`` is the
+global number of sequences per optimizer step; each step's sequences are split evenly over processes and
+gradient-accumulation micro-steps, so the result does not depend on how many processes share the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..errors import UserError
+from .losses import SpADLoss
+from .teacher import teacher_forward
+
+
+class TrainingDiverged(UserError):
+    """Several optimizer steps in a row had a NaN/Inf loss or gradient norm."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings of a run (the ``train:`` section of a recipe)."""
+
+    tokens: int = 1_000_000                 # token budget: steps = tokens // (batch_size * seq_len)
+    seq_len: int = 128
+    batch_size: int = 16                    # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None     # sequences per process and forward pass (None: batch_size / processes)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.2
+    clip: float = 0.7
+    weights: dict = field(default_factory=dict)   # SpAD λ per term (see losses.DEFAULT_WEIGHTS); 0 switches off
+    tau: float = 2.0
+    vocab_chunk_size: int = 8192
+    seed: int = 0
+    mixed_precision: str = "auto"           # "auto": bf16 on GPU, none on CPU; or "no", "bf16", "fp16"
+    log_every: int = 1
+    eval_every: int = 0                     # 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 0                     # 0: only at the end
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5                  # stop after this many NaN/Inf steps in a row
+    firing_rates: bool = True               # log per-layer firing rates (spiking students)
+
+    # settings that may change between a run and its resumption
+    OPERATIONAL = ("log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_bad_steps",
+                   "firing_rates", "micro_batch_size")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise UserError(f"unknown train settings {sorted(unknown)} (known: {sorted(names)})")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+
+def grad_norm_fp32(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients, accumulated in float32 (half-precision norms overflow)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def layer_rates(firing_rates: dict[str, float]) -> dict[str, float]:
+    """Mean firing rate over all neurons and per block (``model.layers.<i>.``) from ``{neuron path: rate}``."""
+    per_layer: dict[int, list[float]] = {}
+    for name, rate in firing_rates.items():
+        parts = name.split(".")
+        if "layers" in parts:
+            per_layer.setdefault(int(parts[parts.index("layers") + 1]), []).append(rate)
+    out = {"firing_rate": sum(firing_rates.values()) / len(firing_rates)}
+    out.update({f"firing_rate_layer{i}": sum(r) / len(r) for i, r in sorted(per_layer.items())})
+    return out
+
+
+class Trainer:
+    """Trains ``model`` on packed sequences ``train_data`` ``[num_seqs, seq_len]`` with SpAD against
+    ``teacher`` (or cross-entropy only when the loss needs no teacher), writing to ``out_dir``:
+    ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/step-<n>/`` and the final model in ``model/``."""
+
+    def __init__(self, model, config: TrainConfig, train_data: torch.Tensor, val_data: torch.Tensor | None,
+                 out_dir: str | Path, teacher=None, fingerprint: dict | None = None, progress: bool = True) -> None:
+        self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        mixed = config.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        # cpu=True lets accelerate see torchrun's processes on machines without GPUs (gloo backend)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        acc = self.accelerator
+        world = acc.num_processes
+        micro = config.micro_batch_size or config.batch_size // world
+        if micro < 1 or config.batch_size % (micro * world):
+            raise UserError(f"batch_size {config.batch_size} is not a multiple of micro_batch_size {micro} x "
+                            f"{world} processes")
+        self.micro, self.accum = micro, config.batch_size // (micro * world)
+        if train_data.shape[1] != config.seq_len:
+            raise UserError(f"training sequences have length {train_data.shape[1]}, the config says {config.seq_len}")
+        self.train_data, self.val_data = train_data, val_data
+        if teacher is not None:
+            teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+            if teacher_vocab != model.config.vocab_size:
+                raise UserError(f"vocabulary mismatch: the student has {model.config.vocab_size} output tokens, the "
+                                f"teacher {teacher_vocab}")
+        self.spad = SpADLoss(model.config, teacher.config if teacher is not None else None, config.weights,
+                             config.tau, config.vocab_chunk_size)
+        self.teacher = teacher.to(acc.device) if teacher is not None and self.spad.needs_teacher else None
+        self.spiking = hasattr(model, "neurons")
+        torch.manual_seed(config.seed)
+        params = [p for p in list(model.parameters()) + list(self.spad.parameters()) if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.spad.to(acc.device)
+        self.params = params
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
+        run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
+        self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
+        self.step, self.bad_steps, self.skipped = 0, 0, 0
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    def _sample(self, k: int) -> int:
+        """Index of the ``k``-th training sequence: a fresh seeded permutation per epoch."""
+        n = len(self.train_data)
+        epoch = k // n
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(n, generator=gen))
+        return int(self._perm[1][k % n])
+
+    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
+        """This process's share ``[micro_batch_size, seq_len]`` of micro-step ``micro`` of optimizer step ``step``."""
+        acc = self.accelerator
+        first = step * self.config.batch_size + (micro * acc.num_processes + acc.process_index) * self.micro
+        idx = [self._sample(k) for k in range(first, first + self.micro)]
+        return self.train_data[idx].to(acc.device)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, record_rates: bool):
+        extra = self.spad.student_outputs()
+        if self.spiking:
+            extra["output_firing_rates"] = record_rates
+        else:
+            extra.pop("output_spike_rates")
+        out = self.model(input_ids, use_cache=False, **extra)
+        teacher_out = teacher_forward(self.teacher, input_ids) if self.teacher is not None else None
+        return out, self.spad(out, teacher_out, input_ids)
+
+    def train_step(self) -> dict:
+        """One optimizer step (all micro-steps); returns its metrics. NaN/Inf steps are skipped and counted."""
+        acc, cfg = self.accelerator, self.config
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        rates: dict[str, float] = {}
+        for m in range(self.accum):
+            sync = contextlib.nullcontext() if m == self.accum - 1 else acc.no_sync(self.model)
+            with sync:
+                out, (loss, terms) = self._forward(self.micro_batch(self.step, m), cfg.firing_rates and m == 0)
+                acc.backward(loss / self.accum)
+            for name, value in {"loss": loss.detach(), **terms}.items():
+                totals[name] = totals.get(name, 0.0) + value.float() / self.accum
+            if self.spiking and out.firing_rates:
+                rates = layer_rates(out.firing_rates)
+        totals = {k: acc.reduce(v, "mean") for k, v in totals.items()}
+        for p in self.spad.parameters():   # projectors live outside the wrapped model: average their gradients here
+            if p.grad is not None:
+                p.grad = acc.reduce(p.grad, "mean")
+        if acc.distributed_type == DistributedType.FSDP:
+            norm = acc.clip_grad_norm_(self.params, float("inf")).float()
+        else:
+            norm = grad_norm_fp32(self.params)
+        finite = bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(norm))
+        if finite:
+            if cfg.clip > 0:
+                clip = (cfg.clip / (norm + 1e-6)).clamp(max=1.0)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(clip.to(p.grad.dtype))
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        metrics = {"step": self.step, "tokens": self.step * cfg.batch_size * cfg.seq_len, "lr": lr,
+                   "grad_norm": float(norm), "skipped": not finite,
+                   **{("loss" if k == "loss" else f"loss_{k}"): float(v) for k, v in totals.items()}, **rates}
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Cross-entropy and perplexity of the student on the first ``eval_batches`` batches of validation data."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        data = self.val_data[: self.config.eval_batches * self.micro]
+        losses = [self.spad.hard(model(b.to(self.accelerator.device), use_cache=False).logits, b.to(
+            self.accelerator.device)) for b in data.split(self.micro)]
+        loss = float(torch.stack(losses).mean())
+        return {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        """Weights (safetensors), optimizer, scheduler, RNG and data position, written to a temporary folder that
+        is renamed into place; ``checkpoints/latest`` names the newest complete one."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = self.checkpoint_dir / f"step-{self.step:08d}"
+            tmp = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_model(acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                       tmp / "state.pt")
+            state = {"step": self.step, "skipped": self.skipped, "fingerprint": self.fingerprint}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest_tmp = self.checkpoint_dir / ".latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, self.checkpoint_dir / "latest")
+            for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self) -> bool:
+        """Restore the newest checkpoint of ``out_dir``; ``False`` if there is none."""
+        latest = self.checkpoint_dir / "latest"
+        if not latest.is_file():
+            return False
+        folder = self.checkpoint_dir / latest.read_text().strip()
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["fingerprint"] != json.loads(json.dumps(self.fingerprint)):
+            raise UserError(f"checkpoint {folder} was written by a different config; resume with the same recipe "
+                            f"or use another output folder")
+        load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"),
+                   device=str(self.accelerator.device))
+        extra = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.spad.load_state_dict(extra["spad"])
+        torch.set_rng_state(extra["rng"])
+        if extra["cuda_rng"]:
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        return True
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _log(self, metrics: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with (self.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, metrics["step"])
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint a run resumes from."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train until the token budget is spent; returns the final metrics (and the last evaluation)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        acc, cfg = self.accelerator, self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+            self._truncate_metrics()
+        elif (self.checkpoint_dir / "latest").is_file():
+            raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it or use another folder")
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (self.progress and acc.is_main_process))
+        start, start_step, metrics, last_eval = time.perf_counter(), self.step, {}, {}
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            elapsed = time.perf_counter() - start
+            metrics["tokens_per_s"] = (self.step - start_step) * tokens_per_step / elapsed
+            metrics["elapsed_s"] = elapsed
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(metrics)
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{self.bad_steps} steps in a row had a NaN/Inf loss or gradient (step "
+                                       f"{self.step}); the last good checkpoint in {self.checkpoint_dir} is intact")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.val_data is not None:
+                last_eval = self.evaluate()
+                self._log(last_eval)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix_str(" ".join(
+                [f"tok/s={metrics['tokens_per_s']:.0f}", f"loss={metrics['loss']:.3f}"]
+                + [f"{k[5:]}={v:.3f}" for k, v in metrics.items() if k.startswith("loss_")]
+                + ([f"rate={metrics['firing_rate']:.3f}"] if "firing_rate" in metrics else [])))
+        bar.close()
+        if self.val_data is not None and (not cfg.eval_every or self.step % cfg.eval_every):
+            last_eval = self.evaluate()
+            self._log(last_eval)
+        if not (self.checkpoint_dir / f"step-{self.step:08d}").is_dir():
+            self.save_checkpoint()
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save_pretrained(str(self.out_dir / "model"))
+            self.writer.close()
+        acc.wait_for_everyone()
+        return {**metrics, **last_eval, "skipped_steps": self.skipped, "processes": acc.num_processes}

@@ -1,0 +1,38 @@
+"""The quickstart end to end: its run folder at a tiny budget, and (slow) the acceptance criterion at the default
+budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distill_setup import cli
+
+SMALL = ["--teacher-tokens", "8192", "--student-tokens", "8192", "--test-tokens", "8192",
+         "--set", "teacher_train.eval_batches=2", "--set", "train.eval_batches=2"]
+
+
+def test_quickstart_writes_its_run_folder(data_dir, tmp_path):
+    out = tmp_path / "run"
+    done = cli("quickstart", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert "student / teacher" in done.stdout and "firing rates" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert {"teacher_ppl", "student_ppl", "unigram_ppl", "ratio", "student_firing_rates"} <= set(results)
+    for name in ("teacher", "student"):
+        assert (out / name / "model" / "model.safetensors").is_file()
+        assert (out / name / "checkpoints" / "latest").is_file()
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "cache").is_dir() and (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_student_is_within_twice_the_teacher_and_far_below_unigram(data_dir, tmp_path):
+    out = tmp_path / "run"
+    done = cli("quickstart", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+               timeout=3600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["student_ppl"] <= 2 * results["teacher_ppl"]
+    assert results["student_ppl"] < 0.5 * results["unigram_ppl"]

@@ -1,0 +1,130 @@
+"""The trainer end to end through ``bispikclm train``: resume after kill -9, two processes against one, bad input,
+and NaN/Inf steps. Every run distills a same-shape student from a small OPT teacher on real WikiText-2 text."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bispikclm.cli import main
+from distill_setup import cli, cli_command, make_teacher, make_tokenizer, write_recipe
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    tokenizer = make_tokenizer(data_dir, root / "tok")
+    teacher = make_teacher("opt", root / "opt", tokenizer)
+    return root, teacher, data_dir
+
+
+def losses(run) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_resume_after_kill_9_gives_the_same_loss_sequence(setup):
+    root, teacher, data_dir = setup
+    recipe = write_recipe(root / "resume.yaml", teacher, data_dir, tokens=4 * 32 * STEPS, save_every=4)
+    done = cli("train", str(recipe), "--out", str(root / "whole"))
+    assert done.returncode == 0, done.stderr
+
+    killed = root / "killed"
+    argv, env = cli_command("train", str(recipe), "--out", str(killed))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    while proc.poll() is None and not (latest.is_file() and latest.read_text() >= "step-00000008"):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert max(losses(killed)) < STEPS
+
+    resumed = cli("train", str(recipe), "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = losses(root / "whole"), losses(killed)
+    assert list(got) == list(range(1, STEPS + 1)) and got == expected
+    assert all(torch.equal(weights(root / "whole")[k], v) for k, v in weights(killed).items())
+
+
+def test_two_processes_match_one_with_the_same_global_batch(setup):
+    root, teacher, data_dir = setup
+    # a student narrower than the teacher, so that the SpAD projectors (outside the wrapped model) train too
+    recipe = write_recipe(root / "ddp.yaml", teacher, data_dir, tokens=4 * 32 * 6)
+    narrow = ("--set", "student.hidden_size=16")
+    one = cli("train", str(recipe), "--out", str(root / "one"), *narrow)
+    assert one.returncode == 0, one.stderr
+    two = cli("train", str(recipe), "--out", str(root / "two"), *narrow,
+              launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"))
+    assert two.returncode == 0, two.stderr
+    assert json.loads((root / "two" / "final.json").read_text())["processes"] == 2
+    a, b = losses(root / "one"), losses(root / "two")
+    assert list(a) == list(b) == list(range(1, 7))
+    assert all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
+    wa, wb = weights(root / "one"), weights(root / "two")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
+    pa, pb = (torch.load(root / run / "checkpoints" / "step-00000006" / "state.pt")["spad"] for run in ("one", "two"))
+    assert pa and all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.vocab_size=600", "vocabulary mismatch: the student has 600"),
+    ("tokenizer=BIG", "vocabulary mismatch: the tokenizer has 1000"),
+    ("train.seq_len=65", "beyond the teacher's 64 positions"),
+    ("data.train.source=/nonexistent/train.txt", "cannot read text file"),
+])
+def test_bad_input_is_one_line_and_exit_2(setup, tmp_path, capsys, override, message):
+    root, teacher, data_dir = setup
+    if override == "tokenizer=BIG":
+        make_tokenizer(data_dir, tmp_path / "big", vocab_size=1000)
+        override = f"tokenizer={tmp_path / 'big'}"
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--set", override, "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert line.startswith("bispikclm train: error:") and message in line
+
+
+def test_empty_dataset_and_other_configs_checkpoint_are_user_errors(setup, tmp_path, capsys):
+    root, teacher, data_dir = setup
+    (tmp_path / "empty.txt").write_text("\n \n")
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir, tokens=4 * 32 * 2)
+    args = ["train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args + ["--set", f"data.train.source={tmp_path / 'empty.txt'}"]) == 2
+    assert "holds no text" in error_line(capsys)
+    assert main(args) == 0
+    assert main(args + ["--resume", "--set", "train.lr=0.01"]) == 2
+    assert "different config" in error_line(capsys)
+    assert main(args) == 2
+    assert "already holds a run" in error_line(capsys)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(setup, tmp_path, capsys):
+    root, teacher, data_dir = setup
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir, lr=1e30, warmup_ratio=0.0, clip=0.0,
+                          max_bad_steps=3, save_every=1)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "NaN/Inf" in error_line(capsys)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    assert int(latest.split("-")[1]) == skipped[-1] - 1
+    state = load_file(str(tmp_path / "run" / "checkpoints" / latest / "model.safetensors"))
+    assert all(v.isfinite().all() for v in state.values())
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
