@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,20 +82,26 @@ def windows(length: int, context_length: int, stride: int) -> list[tuple[int, in
     return spans
 
 
+def logits_fn(model: PreTrainedModel, input_ids: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Run the model body on ``input_ids`` ``[B, N]`` and return ``head(start, end)``: logits ``[B, end-start, V]``
+    of positions ``[start, end)``, so callers apply the LM head to the positions they need only."""
+    b, n = input_ids.shape
+    if isinstance(model, BiSpikCLMForCausalLM):
+        positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        x_last = model.model(input_ids, positions)[0]                  # [T, B, N, D]
+        return lambda start, end: model.head(x_last[:, :, start:end])
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state   # [B, N, D]
+    lm_head = model.get_output_embeddings()
+    return lambda start, end: lm_head(hidden[:, start:end])
+
+
 @torch.no_grad()
 def token_nll(model: PreTrainedModel, input_ids: torch.Tensor, head_chunk: int = 1024) -> torch.Tensor:
     """Negative log-likelihood ``[B, N-1]`` of tokens ``1..N-1`` of ``input_ids`` ``[B, N]`` given their prefix.
 
     The LM head and the log-softmax run over ``head_chunk`` positions at a time (float32)."""
-    b, n = input_ids.shape
-    if isinstance(model, BiSpikCLMForCausalLM):
-        positions = torch.arange(n, device=input_ids.device).expand(b, n)
-        x_last = model.model(input_ids, positions)[0]                  # [T, B, N, D]
-        head = lambda s, e: model.head(x_last[:, :, s:e])                # noqa: E731
-    else:
-        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state   # [B, N, D]
-        lm_head = model.get_output_embeddings()
-        head = lambda s, e: lm_head(hidden[:, s:e])                     # noqa: E731
+    n = input_ids.shape[1]
+    head = logits_fn(model, input_ids)
     nll = []
     for start in range(0, n - 1, head_chunk):
         end = min(start + head_chunk, n - 1)
