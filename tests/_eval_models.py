@@ -11,6 +11,9 @@ from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 
+# These models are tiny; one thread avoids oversubscribing small shared CI machines.
+torch.set_num_threads(1)
+
 
 def build_tokenizer(data_dir: Path, vocab_size: int = 1024, lines: int = 5000) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the first ``lines`` lines of WikiText-2 train."""

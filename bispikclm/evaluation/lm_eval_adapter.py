@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoConfig
@@ -31,4 +32,5 @@ class BiSpikCLMHarnessLM(HFLM):
             AutoConfig.from_pretrained(pretrained)
         except (OSError, ValueError) as err:
             raise UserError(f"{pretrained!r} is not a model checkpoint ({str(err).strip().splitlines()[0]})") from None
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, backend="causal", **kwargs)

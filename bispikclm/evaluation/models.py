@@ -19,15 +19,22 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
                **overrides) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer from a ``save_pretrained`` folder (or a hub name where there is network).
 
-    ``overrides`` (see :data:`SPIKING_OVERRIDES`) apply to BiSpikCLM students only."""
+    ``overrides`` (see :data:`SPIKING_OVERRIDES`; ``None`` values are ignored) apply to BiSpikCLM students;
+    ``attn_chunk_size`` is ignored for other models, the rest are an error."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path!r} is not a model checkpoint ({reason})") from None
-    if overrides and config.model_type != BiSpikCLMForCausalLM.config_class.model_type:
-        raise UserError(f"{sorted(overrides)} only apply to BiSpikCLM students; {path!r} is a {config.model_type}")
+    if config.model_type != BiSpikCLMForCausalLM.config_class.model_type:
+        overrides.pop("attn_chunk_size", None)
+        if overrides:
+            raise UserError(f"{sorted(overrides)} only apply to BiSpikCLM students; {path!r} is a "
+                            f"{config.model_type}")
+    unknown = set(overrides) - set(SPIKING_OVERRIDES)
+    if unknown:
+        raise UserError(f"cannot override {sorted(unknown)} at inference (known: {SPIKING_OVERRIDES})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
