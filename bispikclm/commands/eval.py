@@ -65,22 +65,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
 
 
-def _load(args: argparse.Namespace, **overrides):
+def _load(args: argparse.Namespace, context_lengths: list[int] | None = None, **overrides):
+    """Model and tokenizer; bad context lengths fail on the config, before the weights load."""
     import torch
 
-    from ..evaluation.models import load_model
+    from ..evaluation.models import check_context_length, load_config, load_model
 
+    config = load_config(args.model)
+    for length in context_lengths or []:
+        check_context_length(config, length)
     return load_model(args.model, dtype=torch.float32, device=args.device,
                       attn_chunk_size=args.attn_chunk_size or None, **overrides)
 
 
-def _context_lengths(args: argparse.Namespace, model) -> list[int]:
-    from ..evaluation.models import max_positions
+def _context_lengths(args: argparse.Namespace) -> list[int]:
+    """The requested context lengths, or the paper's 512..8192 up to the model's positions."""
+    from ..evaluation.models import load_config, max_positions
     from ..evaluation.perplexity import CONTEXT_LENGTHS
 
     if args.context_lengths:
         return args.context_lengths
-    limit = max_positions(model)
+    limit = max_positions(load_config(args.model))
     return [n for n in CONTEXT_LENGTHS if limit is None or n <= limit] or [limit]
 
 
@@ -97,10 +102,12 @@ def _write(args: argparse.Namespace, name: str, payload: dict, markdown: str) ->
 def run_ppl(args: argparse.Namespace) -> int:
     from ..evaluation.perplexity import encode_corpus, perplexity, wikitext2_text
 
-    model, tokenizer = _load(args, threshold=args.threshold, time_steps=args.time_steps)
-    ids = encode_corpus(tokenizer, wikitext2_text(args.variant, args.data_dir))
+    lengths = _context_lengths(args)
+    text = wikitext2_text(args.variant, args.data_dir)
+    model, tokenizer = _load(args, lengths, threshold=args.threshold, time_steps=args.time_steps)
+    ids = encode_corpus(tokenizer, text)
     results = [perplexity(model, ids, n, stride=args.stride, batch_size=args.batch_size or 1,
-                          max_tokens=args.max_tokens).to_dict() for n in _context_lengths(args, model)]
+                          max_tokens=args.max_tokens).to_dict() for n in lengths]
     lines = ["| context | stride | perplexity | firing rate | tokens | tokens/s |", "|---|---|---|---|---|---|"]
     for r in results:
         rate = "–" if r["firing_rate"] is None else f"{r['firing_rate']:.3f}"
@@ -115,7 +122,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from ..evaluation.zeroshot import evaluate_tasks, zeroshot_markdown
 
     for task in resolve_tasks(args.tasks):   # bad task names and files fail before the model loads
-        read_task(task, args.data_dir, limit=1)
+        read_task(task, args.data_dir, args.limit)
     model, tokenizer = _load(args, threshold=args.threshold, time_steps=args.time_steps)
     results = evaluate_tasks(model, tokenizer, args.tasks, args.data_dir, args.limit, args.batch_size or 16)
     _write(args, "zeroshot", {"limit": args.limit, **results}, zeroshot_markdown(results))
@@ -127,13 +134,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     from ..evaluation.sweep import sweep, sweep_markdown, sweep_plot
     from ..modeling import BiSpikCLMForCausalLM
 
-    model, tokenizer = _load(args)
+    lengths = _context_lengths(args)
+    text = wikitext2_text(args.variant, args.data_dir)
+    model, tokenizer = _load(args, lengths)
     if not isinstance(model, BiSpikCLMForCausalLM):
         raise UserError(f"sweeps need a BiSpikCLM student; {args.model!r} is a {model.config.model_type}")
-    ids = encode_corpus(tokenizer, wikitext2_text(args.variant, args.data_dir))
-    records = sweep(model, ids, args.thresholds, args.time_steps or [model.config.time_steps],
-                    _context_lengths(args, model), stride=args.stride, batch_size=args.batch_size or 1,
-                    max_tokens=args.max_tokens)
+    ids = encode_corpus(tokenizer, text)
+    records = sweep(model, ids, args.thresholds, args.time_steps or [model.config.time_steps], lengths,
+                    stride=args.stride, batch_size=args.batch_size or 1, max_tokens=args.max_tokens)
     _write(args, "sweep", {"variant": args.variant, "records": records}, sweep_markdown(records))
     if args.out:
         sweep_plot(records, args.out / "sweep.png")

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from transformers import AutoConfig
 
-from ..errors import UserError
+from .models import load_config
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -28,9 +27,6 @@ class BiSpikCLMHarnessLM(HFLM):
     """``lm_eval --model bispikclm --model_args pretrained=PATH[,threshold=..,time_steps=..]``."""
 
     def __init__(self, pretrained: str, **kwargs) -> None:
-        try:
-            AutoConfig.from_pretrained(pretrained)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{pretrained!r} is not a model checkpoint ({str(err).strip().splitlines()[0]})") from None
+        load_config(pretrained)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, backend="causal", **kwargs)

@@ -4,9 +4,11 @@ overrides of the spiking settings (threshold, time steps, attention chunk size) 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
@@ -22,11 +24,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     ``overrides`` (see :data:`SPIKING_OVERRIDES`; ``None`` values are ignored) apply to BiSpikCLM students;
     ``attn_chunk_size`` is ignored for other models, the rest are an error."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path!r} is not a model checkpoint ({reason})") from None
+    config = load_config(path)
     if config.model_type != BiSpikCLMForCausalLM.config_class.model_type:
         overrides.pop("attn_chunk_size", None)
         if overrides:
@@ -39,20 +37,34 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UserError(f"{path!r} has no usable tokenizer ({str(err).strip().splitlines()[0]})") from None
+    if not tokenizer.encode("The text", add_special_tokens=False):   # transformers builds an empty one
+        raise UserError(f"{path!r} has no usable tokenizer (it encodes text to nothing); save the tokenizer "
+                        f"beside the model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides).to(device).eval()
     return model, tokenizer
 
 
-def max_positions(model: PreTrainedModel) -> int | None:
-    """The longest input the model can take (learned positions), or ``None`` when the config does not say."""
-    config = model.config
+def load_config(path: str) -> PretrainedConfig:
+    """The config of a checkpoint folder (or hub name); UserError when ``path`` is not a model."""
+    if Path(path).is_file():
+        raise UserError(f"{path!r} is not a model checkpoint (a file; expected a save_pretrained folder)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path!r} is not a model checkpoint ({reason})") from None
+
+
+def max_positions(model: PreTrainedModel | PretrainedConfig) -> int | None:
+    """The longest input a model (or config) can take (learned positions), or ``None`` when it does not say."""
+    config = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         if getattr(config, name, None):
             return int(getattr(config, name))
     return None
 
 
-def check_context_length(model: PreTrainedModel, context_length: int) -> None:
+def check_context_length(model: PreTrainedModel | PretrainedConfig, context_length: int) -> None:
     """UserError when ``context_length`` is beyond the model's positions."""
     limit = max_positions(model)
     if limit is not None and context_length > limit:

@@ -82,7 +82,7 @@ def _parse_item(line: str, task: Task, path: Path, lineno: int) -> dict:
     try:
         item = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"{where}: malformed JSON line ({err.msg} at column {err.colno})") from None
+        raise UserError(f"{where}: malformed JSON line ({err.msg}: column {err.colno})") from None
     if not isinstance(item, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(item).__name__}")
     missing = [field for field in FIELDS[task.kind] if field not in item]
