@@ -10,6 +10,7 @@ over ``head_chunk`` positions at a time, so ``N x vocab`` logits are never mater
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,7 +31,8 @@ WIKITEXT_FILES = {"raw": "wikitext-2-raw/wiki.test.raw", "tokenized": "wikitext-
 
 @dataclass
 class PerplexityResult:
-    """Perplexity over ``tokens`` scored tokens; ``firing_rate`` = spikes / neuron updates (students only)."""
+    """Perplexity over ``tokens`` scored tokens. Students only: ``firing_rate`` = spikes / neuron updates over
+    every neuron (at long contexts mostly the attention map's), ``firing_rates`` the same per kind of neuron."""
 
     context_length: int
     stride: int
@@ -41,6 +43,7 @@ class PerplexityResult:
     seconds: float
     tokens_per_second: float
     firing_rate: float | None = None
+    firing_rates: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,12 +123,17 @@ def record_firing(model: PreTrainedModel, on: bool) -> None:
             neuron.record = on
 
 
-def firing_rate(model: PreTrainedModel) -> float | None:
-    """Spikes / neuron updates over all neurons since :func:`record_firing` started (``None`` for ANNs)."""
+def firing_rates(model: PreTrainedModel) -> dict[str, float] | None:
+    """Spikes / neuron updates since :func:`record_firing` started: ``"all"`` over every neuron, and one entry per
+    kind of neuron over all layers (e.g. ``self_attn.attn_neuron``, the attention map). ``None`` for ANNs."""
     if not isinstance(model, BiSpikCLMForCausalLM):
         return None
-    neurons = model.neurons().values()
-    return sum(m.spike_count for m in neurons) / max(sum(m.update_count for m in neurons), 1.0)
+    counts: dict[str, list[float]] = {"all": [0.0, 0.0]}
+    for name, neuron in model.neurons().items():
+        for key in ("all", re.sub(r"^model\.layers\.\d+\.", "", name)):
+            spikes, updates = counts.setdefault(key, [0.0, 0.0])
+            counts[key] = [spikes + neuron.spike_count, updates + neuron.update_count]
+    return {key: spikes / max(updates, 1.0) for key, (spikes, updates) in counts.items()}
 
 
 @torch.no_grad()
@@ -162,10 +170,10 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, context_length: 
         bar.close()
     finally:
         seconds = time.perf_counter() - started
-        rate = firing_rate(model)
+        rates = firing_rates(model)
         record_firing(model, False)
     mean_nll = total_nll / total_tokens
     return PerplexityResult(context_length=context_length, stride=stride, perplexity=math.exp(mean_nll),
                             nll=mean_nll, tokens=total_tokens, windows=len(spans), seconds=seconds,
                             tokens_per_second=sum(end - begin for begin, end, _ in spans) / seconds,
-                            firing_rate=rate)
+                            firing_rate=rates and rates["all"], firing_rates=rates)
