@@ -5,7 +5,7 @@ Weights are random (cost does not depend on them); the tokens are real WikiText-
 4,096-token byte-level BPE trained on WikiText-2 train (ids are valid in both vocabularies). Each configuration
 runs in its own process, single-threaded, so its peak resident memory (``ru_maxrss``) is its own. The student
 evaluates with ``attn_chunk_size`` query chunks; the teacher is a same-shape OPT with PyTorch SDPA attention.
-A second table measures the student's query chunk size (none, 2048, 512, 128) at context 4096, ``tiny`` shape.
+A second table measures the student's query chunk size (none, 2048, 512, 256, 128) at context 4096, ``tiny`` shape.
 
     python benchmarks/eval.py [--tokens-2048 N] [--shapes tiny,opt-125m]
 """
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="tiny,opt-125m")
     parser.add_argument("--tokens-2048", type=int, default=4096, help="tokens for the throughput runs (2 windows)")
-    parser.add_argument("--attn-chunk-size", type=int, default=512)
+    parser.add_argument("--attn-chunk-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "eval.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)     # internal: shape,kind,context,tokens,chunk
     args = parser.parse_args()
@@ -107,7 +107,7 @@ def main() -> None:
     runs = [run_one(shape, kind, context, tokens, args.attn_chunk_size)
             for shape in args.shapes.split(",") for kind in ("student", "teacher")
             for context, tokens in ((2048, args.tokens_2048), (8192, 8192))]
-    chunk_sizes = [run_one("tiny", "student", 4096, 4096, chunk) for chunk in (None, 2048, 512, 128)]
+    chunk_sizes = [run_one("tiny", "student", 4096, 4096, chunk) for chunk in (None, 2048, 512, 256, 128)]
     ratios = {}
     for shape in args.shapes.split(","):
         pick = {(r["model"], r["context_length"]): r for r in runs if r["shape"] == shape}

@@ -43,6 +43,10 @@ def test_ppl_zeroshot_and_sweep_commands(student, data_dir, tmp_path, capsys):
     zeroshot = json.loads((out / "zeroshot.json").read_text())
     assert zeroshot["tasks"]["copa"]["n"] == 12 and zeroshot["average"]["tasks"] == ["copa"]
     assert zeroshot["tasks"]["lambada_openai"]["perplexity"] > 1
+    assert main(["eval", "zeroshot", *common, "--tasks", "paper,copa", "--limit", "3"]) == 0
+    zeroshot = json.loads((out / "zeroshot.json").read_text())
+    assert len(zeroshot["average_paper"]["tasks"]) == 8 and len(zeroshot["average"]["tasks"]) == 9
+    assert "| **average** (the paper's 8 tasks) |" in (out / "zeroshot.md").read_text()
 
     assert main(["eval", "sweep", *common, "--thresholds", "0.5,1.0", "--time-steps", "1,2",
                  "--context-lengths", "128,256", "--max-tokens", "600"]) == 0

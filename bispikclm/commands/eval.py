@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-DEFAULT_ATTN_CHUNK = 512
+DEFAULT_ATTN_CHUNK = 256
 
 
 def _ints(text: str) -> list[int]:
