@@ -48,6 +48,8 @@ def load_config(path: str) -> PretrainedConfig:
     """The config of a checkpoint folder (or hub name); UserError when ``path`` is not a model."""
     if Path(path).is_file():
         raise UserError(f"{path!r} is not a model checkpoint (a file; expected a save_pretrained folder)")
+    if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
+        raise UserError(f"{path!r} is not a model checkpoint (no such folder)")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
