@@ -1,0 +1,32 @@
+"""lm-evaluation-harness integration: the model ``bispikclm`` and the task YAMLs in ``evaluation/tasks``.
+
+Importing this module registers the model. It is lm-eval's ``HFLM`` loading through the Auto classes, which
+know the ``bispikclm`` model type once :mod:`bispikclm` is imported, so it runs students and any Hugging Face
+causal LM alike. Model arguments that are fields of the student's config override it at load time
+(``threshold=0.7,time_steps=4,attn_chunk_size=256``), so sweeps need no retraining.
+
+Tasks (``--tasks``): ``bispikclm_<name>`` for each task of :data:`bispikclm.evaluation.tasks.TASKS`, and the
+tags ``bispikclm_paper`` (the paper's eight) and ``bispikclm_extra``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .models import load_config
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+@register_model("bispikclm")
+class BiSpikCLMHarnessLM(HFLM):
+    """``lm_eval --model bispikclm --model_args pretrained=PATH[,threshold=..,time_steps=..]``."""
+
+    def __init__(self, pretrained: str, **kwargs) -> None:
+        load_config(pretrained)
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=pretrained, backend="causal", **kwargs)
