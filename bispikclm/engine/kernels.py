@@ -1,0 +1,192 @@
+"""Numba fast path of every engine kernel; same signatures and same bits as :mod:`bispikclm.engine.reference`.
+
+* Linear layers are event-driven: the words of all T time steps of an input are OR-ed, the set bits are walked
+  with count-trailing-zeros, and each weight row that fired at any step is read once and added to the
+  accumulator of every step whose bit is set (the gather is fused into the accumulation). Threads split the
+  output features into tiles of whole 64-bit words, so each thread writes its own words.
+* Q·Kᵀ is AND + popcount over packed words; P·V adds the value spikes of the keys whose attention neuron
+  fired, walking their set bits.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+TILE_MAX = 512  # output features per job: a weight tile [in, 512] float32 stays in L2 across prefill tokens
+
+
+@intrinsic
+def _popcount(typingctx, word):
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def _ctz(typingctx, word):
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], context.get_constant(types.boolean, True))
+    return types.uint64(types.uint64), codegen
+
+
+def _tile(features: int) -> int:
+    per_thread = -(-features // numba.get_num_threads())
+    return min(TILE_MAX, max(64, -(-per_thread // 64) * 64))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _linear_spikes(spikes, weight, bias, scale, out, tile):
+    n_tok, t_steps, n_words = spikes.shape
+    n_out = weight.shape[1]
+    n_tiles = (n_out + tile - 1) // tile
+    for job in prange(n_tiles):
+        c0 = job * tile
+        width = min(tile, n_out - c0)
+        acc = np.empty((t_steps, tile), bias.dtype)
+        for n in range(n_tok):
+            for t in range(t_steps):
+                acc[t, :width] = bias[c0:c0 + width]
+            for w in range(n_words):
+                fired = np.uint64(0)
+                for t in range(t_steps):
+                    fired |= spikes[n, t, w]
+                while fired:
+                    bit = _ctz(fired)
+                    fired &= fired - np.uint64(1)
+                    row = weight[w * 64 + bit, c0:c0 + width]
+                    for t in range(t_steps):
+                        if (spikes[n, t, w] >> bit) & np.uint64(1):
+                            a = acc[t]
+                            for c in range(width):
+                                a[c] += row[c]
+            for t in range(t_steps):
+                for c in range(width):
+                    out[n, t, c0 + c] = np.float32(acc[t, c]) * scale[c0 + c]
+
+
+def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
+                  out: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.linear_spikes`."""
+    _linear_spikes(spikes, weight, bias, scale, out, _tile(weight.shape[1]))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _linear_counts(counts, weight, bias, scale, out, tile):
+    n_tok, t_steps, n_in = counts.shape
+    n_out = weight.shape[1]
+    n_tiles = (n_out + tile - 1) // tile
+    for job in prange(n_tiles):
+        c0 = job * tile
+        width = min(tile, n_out - c0)
+        acc = np.empty((t_steps, tile), bias.dtype)
+        for n in range(n_tok):
+            for t in range(t_steps):
+                acc[t, :width] = bias[c0:c0 + width]
+            for i in range(n_in):
+                row = weight[i, c0:c0 + width]
+                for t in range(t_steps):
+                    k = counts[n, t, i]
+                    if k != 0:
+                        a = acc[t]
+                        for c in range(width):
+                            a[c] += k * row[c]
+            for t in range(t_steps):
+                for c in range(width):
+                    out[n, t, c0 + c] = np.float32(acc[t, c]) * scale[c0 + c]
+
+
+def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
+                  out: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.linear_counts`."""
+    _linear_counts(counts.astype(bias.dtype), weight, bias, scale, out, _tile(weight.shape[1]))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _lif(current, beta, threshold, out):
+    n_tok, t_steps, d = current.shape
+    for n in prange(n_tok):
+        for w in range(out.shape[2]):
+            for t in range(t_steps):
+                out[n, t, w] = 0
+        for c in range(d):
+            u = np.float32(0.0)
+            s = np.float32(0.0)
+            for t in range(t_steps):
+                u = beta * u + current[n, t, c] - threshold * s
+                current[n, t, c] = u
+                if u >= threshold:
+                    s = np.float32(1.0)
+                    out[n, t, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+                else:
+                    s = np.float32(0.0)
+
+
+def lif(current: np.ndarray, beta: float, threshold: float, out: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.lif`."""
+    _lif(current, np.float32(beta), np.float32(threshold), out)
+
+
+@njit(cache=True, nogil=True)
+def _residual_add(x, spikes, gain):
+    n_tok, t_steps, n_words = spikes.shape
+    for n in range(n_tok):
+        for t in range(t_steps):
+            for w in range(n_words):
+                bits = spikes[n, t, w]
+                while bits:
+                    c = w * 64 + _ctz(bits)
+                    bits &= bits - np.uint64(1)
+                    x[n, t, c] += gain[c]
+
+
+def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.residual_add`."""
+    _residual_add(x, spikes, gain)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _sfsa(q, k_cache, v_cache, past, num_heads, scale, beta, threshold, out):
+    n_new, t_steps, n_words = q.shape
+    head_dim = out.shape[2] // num_heads
+    for job in prange(n_new * num_heads):
+        n = job // num_heads
+        lo = (job % num_heads) * head_dim
+        hi = lo + head_dim
+        w0, w1 = lo >> 6, (hi - 1) >> 6
+        masks = np.empty(w1 - w0 + 1, np.uint64)
+        for w in range(w0, w1 + 1):
+            first, last = max(lo, w * 64) - w * 64, min(hi, w * 64 + 64) - w * 64
+            span = last - first
+            full = np.uint64(0xFFFFFFFFFFFFFFFF)
+            masks[w - w0] = (full if span == 64 else (np.uint64(1) << np.uint64(span)) - np.uint64(1)) \
+                << np.uint64(first)
+        for t in range(t_steps):
+            for c in range(lo, hi):
+                out[n, t, c] = 0
+        for j in range(past + n + 1):
+            u = np.float32(0.0)
+            s = np.float32(0.0)
+            for t in range(t_steps):
+                score = np.uint64(0)
+                for w in range(w0, w1 + 1):
+                    score += _popcount(q[n, t, w] & k_cache[t, j, w] & masks[w - w0])
+                u = beta * u + np.float32(score) * scale - threshold * s
+                if u >= threshold:
+                    s = np.float32(1.0)
+                    for w in range(w0, w1 + 1):
+                        bits = v_cache[t, j, w] & masks[w - w0]
+                        while bits:
+                            c = w * 64 + _ctz(bits)
+                            bits &= bits - np.uint64(1)
+                            out[n, t, c] += 1
+                else:
+                    s = np.float32(0.0)
+
+
+def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, scale: float,
+         beta: float, threshold: float, out: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.sfsa`."""
+    _sfsa(q, k_cache, v_cache, past, num_heads, np.float32(scale), np.float32(beta), np.float32(threshold), out)
