@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..spike_ops import SpikeLinear
 from . import kernels, reference
-from .packing import int8_weights, unpack, words
+from .packing import int8_weights, is_int8, quantize_, unpack, words
 
 BACKENDS: dict[str, ModuleType] = {"numba": kernels, "reference": reference}
 
@@ -93,7 +93,9 @@ class PackedEngine:
     Args:
         model: the PyTorch model (its embedding and float head are used as they are).
         int8: run the linear layers of the blocks on int8 weights; the model must have been quantized with
-            :func:`bispikclm.engine.quantize_`, and then both give the same spikes bit for bit.
+            :func:`bispikclm.engine.quantize_`, and then both give the same spikes bit for bit. A head quantized
+            with ``quantize_(model, head=True)`` runs on int8 weights too (float LayerNorm output times int8
+            rows: a quarter of the float head's bytes).
         backend: ``"numba"`` (fast path) or ``"reference"`` (plain NumPy, same results).
     """
 
@@ -117,6 +119,10 @@ class PackedEngine:
         self.neurons = {g: Neuron.of(cfg, g) for g in ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in",
                                                         "ffn_hidden", "ffn_out", "head")}
         self.head = PackedLinear.from_module(model.lm_head, False, "lm_head") if cfg.spiking_head else None
+        self.head_int8 = None
+        if int8 and not cfg.spiking_head and is_int8(model.lm_head):
+            weight_t, _, scale = int8_weights(model.lm_head, "lm_head")
+            self.head_int8 = (weight_t, scale)
 
     @classmethod
     def from_model(cls, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> "PackedEngine":
@@ -124,12 +130,12 @@ class PackedEngine:
         return cls(model, int8=int8, backend=backend)
 
     @classmethod
-    def from_pretrained(cls, path: str, int8: bool = False, backend: str = "numba") -> "PackedEngine":
-        """An engine for a saved checkpoint; with ``int8`` the model is quantized first."""
-        from .packing import quantize_
-
+    def from_pretrained(cls, path: str, int8: bool = False, int8_head: bool = False,
+                        backend: str = "numba") -> "PackedEngine":
+        """An engine for a saved checkpoint; with ``int8`` the model is quantized first (its head too with
+        ``int8_head``)."""
         model = BiSpikCLMForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return cls(quantize_(model) if int8 else model, int8=int8, backend=backend)
+        return cls(quantize_(model, head=int8_head) if int8 else model, int8=int8, backend=backend)
 
     def new_cache(self, max_length: int | None = None) -> PackedCache:
         """An empty cache for up to ``max_length`` positions (default: ``max_position_embeddings``)."""
@@ -202,8 +208,13 @@ class PackedEngine:
     def _head(self, x: np.ndarray, record: dict | None) -> torch.Tensor:
         """Logits ``[N, V]`` from the last residual stream ``x`` ``[N, T, D]``."""
         if self.head is None:
-            h = torch.from_numpy(x).mean(1)
-            return self.model.lm_head(self.model.final_layer_norm(h))
+            h = self.model.final_layer_norm(torch.from_numpy(x).mean(1))
+            if self.head_int8 is None:
+                return self.model.lm_head(h)
+            weight, scale = self.head_int8
+            logits = np.empty((h.shape[0], weight.shape[1]), np.float32)
+            self.ops.head_int8(h.numpy(), weight, scale, logits)
+            return torch.from_numpy(logits)
         spikes = self._lif(x.copy(), "head")
         if record is not None:
             record["head_neuron"] = unpack(spikes, x.shape[-1])
@@ -241,8 +252,8 @@ class PackedEngine:
     def weight_bytes(self, record: dict[str, np.ndarray]) -> dict[str, float]:
         """Bytes of weights read per token, from a ``record`` of :meth:`forward`: each linear layer reads the
         rows of the inputs that fired at any time step (every row with a non-zero count for ``out_proj``);
-        the float head reads its whole matrix. Returns ``{"blocks": ..., "head": ..., "dense_blocks": ...}``."""
-        cfg = self.config
+        a dense head reads its whole matrix. Returns ``{"blocks", "head", "dense_blocks"}``: bytes per token of
+        the blocks, of the head, and of the blocks' weights in float32 (what a dense product reads)."""
         blocks = dense = 0.0
         for i, block in enumerate(self.blocks):
             prefix = f"model.layers.{i}"
@@ -255,8 +266,10 @@ class PackedEngine:
                 for layer in layers:
                     blocks += rows * layer.nbytes_per_row
                     dense += layer.weight.shape[0] * layer.weight.shape[1] * 4
-        head = self.model.lm_head.weight
-        head_bytes = head.numel() * head.element_size()
         if self.head is not None:
-            head_bytes = record["head_neuron"].any(axis=1).sum(axis=1).mean() * self.head.nbytes_per_row
-        return {"blocks": float(blocks), "head": float(head_bytes), "dense_blocks": float(dense)}
+            head = record["head_neuron"].any(axis=1).sum(axis=1).mean() * self.head.nbytes_per_row
+        elif self.head_int8 is not None:
+            head = self.head_int8[0].nbytes
+        else:
+            head = self.model.lm_head.weight.numel() * 4
+        return {"blocks": float(blocks), "head": float(head), "dense_blocks": float(dense)}

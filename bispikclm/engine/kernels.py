@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+
 TILE_MAX = 512  # output features per job: a weight tile [in, 512] float32 stays in L2 across prefill tokens
 
 
@@ -104,10 +105,10 @@ def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
     _linear_counts(counts.astype(bias.dtype), weight, bias, scale, out, _tile(weight.shape[1]))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _lif(current, beta, threshold, out):
     n_tok, t_steps, d = current.shape
-    for n in prange(n_tok):
+    for n in range(n_tok):
         for w in range(out.shape[2]):
             for t in range(t_steps):
                 out[n, t, w] = 0
@@ -190,3 +191,28 @@ def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num
          beta: float, threshold: float, out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.sfsa`."""
     _sfsa(q, k_cache, v_cache, past, num_heads, np.float32(scale), np.float32(beta), np.float32(threshold), out)
+
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _head_int8(h, weight, scale, out, tile):
+    n_tok, d = h.shape
+    vocab = weight.shape[1]
+    for job in prange((vocab + tile - 1) // tile):
+        c0 = job * tile
+        width = min(tile, vocab - c0)
+        acc = np.empty(tile, np.float32)
+        for n in range(n_tok):
+            acc[:width] = 0
+            for i in range(d):
+                x = h[n, i]
+                row = weight[i, c0:c0 + width]
+                for c in range(width):
+                    acc[c] += x * np.float32(row[c])
+            for c in range(width):
+                out[n, c0 + c] = acc[c] * scale[c0 + c]
+
+
+def head_int8(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.head_int8`."""
+    _head_int8(h, weight, scale, out, 2048)

@@ -45,13 +45,15 @@ def power_of_two_scales(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_(model: torch.nn.Module) -> torch.nn.Module:
+def quantize_(model: torch.nn.Module, head: bool = False) -> torch.nn.Module:
     """Quantize every :class:`SpikeLinear` of ``model`` in place to int8 values times a power-of-two scale per
     output row (the bias is rounded to the same grid), so that the PyTorch model and the packed engine with
-    ``int8=True`` compute the same currents bit for bit. The embedding, LayerNorm and head stay float.
+    ``int8=True`` compute the same currents bit for bit. With ``head``, the LM head is quantized too (and with
+    it the tied token embedding); otherwise the embedding, LayerNorm and head stay float.
     Idempotent: quantizing a quantized model changes nothing. Returns ``model``."""
+    lm_head = model.get_output_embeddings() if head else None
     for module in model.modules():
-        if isinstance(module, SpikeLinear):
+        if isinstance(module, SpikeLinear) or module is lm_head:
             scale = power_of_two_scales(module.weight)[:, None]
             module.weight.copy_(torch.round(module.weight / scale).clamp_(-INT8_MAX, INT8_MAX) * scale)
             if module.bias is not None:
@@ -59,8 +61,15 @@ def quantize_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def int8_weights(linear: SpikeLinear, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact int8 form of a quantized :class:`SpikeLinear`: ``(weight_t [in, out] int8, bias [out] int32,
+def is_int8(linear: torch.nn.Linear) -> bool:
+    """Whether the weights of ``linear`` are on the int8 grid of :func:`quantize_`."""
+    weight = linear.weight.detach()
+    scale = power_of_two_scales(weight)[:, None]
+    return bool(torch.equal(torch.round(weight / scale).clamp(-INT8_MAX, INT8_MAX) * scale, weight))
+
+
+def int8_weights(linear: torch.nn.Linear, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact int8 form of a quantized linear layer: ``(weight_t [in, out] int8, bias [out] int32,
     scale [out] float32)`` with ``linear.weight == weight_t.T * scale`` and ``linear.bias == bias * scale``.
 
     Raises :class:`UserError` when the weights are not on the grid of :func:`quantize_`."""

@@ -88,3 +88,15 @@ def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num
         attn = (u >= threshold) & causal[:, None, :]                         # P[t], [N, H, keys]
         counts = np.einsum("nhk,hkd->nhd", attn.astype(np.int32), vb[t].astype(np.int32))
         out[:, t] = counts.reshape(n_new, d)
+
+
+
+def head_int8(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """Float head on int8 weights: ``out[n] = (sum_i h[n, i] * weight[i]) * scale``, summing over ``i`` in order
+    in float32. ``h`` ``[N, D]`` float32 (the LayerNorm output); ``weight`` ``[D, V]`` int8; ``scale`` ``[V]``
+    float32; ``out`` ``[N, V]`` float32, written."""
+    for n in range(h.shape[0]):
+        acc = np.zeros(weight.shape[1], np.float32)
+        for i in range(h.shape[1]):
+            acc += h[n, i] * weight[i].astype(np.float32)
+        out[n] = acc * scale
