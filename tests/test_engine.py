@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.cli import main
 from bispikclm.engine import PackedEngine, kernels, pack, quantize_, reference
 from bispikclm.errors import UserError
 from bispikclm.neurons import LIFNeuron
@@ -168,3 +169,17 @@ def test_int8_engine_needs_a_quantized_model_and_quantizing_is_idempotent():
     step = torch.exp2(torch.ceil(torch.log2(weight.abs().amax(1, keepdim=True) / 127)))   # a power of two per row
     levels = weight / step
     assert torch.equal(levels, levels.round()) and levels.abs().max() == 127
+
+
+def test_generate_command_streams_the_same_text_from_both_engines(tokenizer, test_text, tmp_path, capsys):
+    make_model(time_steps=2).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompt = " ".join(test_text[3].split()[:10])
+    texts = {}
+    for engine in ("torch", "packed"):
+        assert main(["generate", str(tmp_path), "--prompt", prompt, "--engine", engine, "--max-new-tokens", "12",
+                     "--int8"]) == 0
+        texts[engine] = capsys.readouterr().out
+    assert texts["torch"] == texts["packed"] and len(texts["packed"].strip()) > 0
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
