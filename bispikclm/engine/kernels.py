@@ -16,7 +16,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 
-TILE_MAX = 512  # output features per job: a weight tile [in, 512] float32 stays in L2 across prefill tokens
+PREFILL_TILE = 512  # output features per job over many tokens: a weight tile [in, 512] stays in L2 across tokens
 
 
 @intrinsic
@@ -33,9 +33,12 @@ def _ctz(typingctx, word):
     return types.uint64(types.uint64), codegen
 
 
-def _tile(features: int) -> int:
+def _tile(features: int, tokens: int) -> int:
+    """Output features per job, a multiple of 64: one contiguous share per thread when decoding a token (long
+    runs along each weight row), at most :data:`PREFILL_TILE` when many tokens reuse the tile."""
     per_thread = -(-features // numba.get_num_threads())
-    return min(TILE_MAX, max(64, -(-per_thread // 64) * 64))
+    tile = max(64, -(-per_thread // 64) * 64)
+    return tile if tokens <= 4 else min(PREFILL_TILE, tile)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -71,7 +74,7 @@ def _linear_spikes(spikes, weight, bias, scale, out, tile):
 def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
                   out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.linear_spikes`."""
-    _linear_spikes(spikes, weight, bias, scale, out, _tile(weight.shape[1]))
+    _linear_spikes(spikes, weight, bias, scale, out, _tile(weight.shape[1], spikes.shape[0]))
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -102,7 +105,7 @@ def _linear_counts(counts, weight, bias, scale, out, tile):
 def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
                   out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.linear_counts`."""
-    _linear_counts(counts.astype(bias.dtype), weight, bias, scale, out, _tile(weight.shape[1]))
+    _linear_counts(counts.astype(bias.dtype), weight, bias, scale, out, _tile(weight.shape[1], counts.shape[0]))
 
 
 @njit(cache=True, nogil=True)
