@@ -49,6 +49,13 @@ class PackedLinear:
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
         return cls(weight.t().contiguous().numpy(), bias.numpy().copy(), np.ones(weight.shape[0], np.float32))
 
+    @classmethod
+    def concat(cls, layers: list["PackedLinear"]) -> "PackedLinear":
+        """One layer whose outputs are those of ``layers`` side by side (same inputs): one pass over the spikes and
+        longer contiguous runs along each weight row."""
+        return cls(*(np.ascontiguousarray(np.concatenate(parts, axis=-1))
+                     for parts in zip(*((x.weight, x.bias, x.scale) for x in layers))))
+
     @property
     def nbytes_per_row(self) -> int:
         return self.weight.shape[1] * self.weight.itemsize
@@ -67,9 +74,7 @@ class Neuron:
 
 @dataclass
 class PackedBlock:
-    q: PackedLinear
-    k: PackedLinear
-    v: PackedLinear
+    qkv: PackedLinear            # q_proj, k_proj, v_proj side by side
     out: PackedLinear
     fc1: PackedLinear
     fc2: PackedLinear
@@ -111,8 +116,9 @@ class PackedEngine:
             attn, ffn, prefix = layer.self_attn, layer.ffn, f"model.layers.{i}"
             lin = lambda m, n: PackedLinear.from_module(m, int8, f"{prefix}.{n}")  # noqa: E731
             self.blocks.append(PackedBlock(
-                lin(attn.q_proj, "self_attn.q_proj"), lin(attn.k_proj, "self_attn.k_proj"),
-                lin(attn.v_proj, "self_attn.v_proj"), lin(attn.out_proj, "self_attn.out_proj"),
+                PackedLinear.concat([lin(attn.q_proj, "self_attn.q_proj"), lin(attn.k_proj, "self_attn.k_proj"),
+                                     lin(attn.v_proj, "self_attn.v_proj")]),
+                lin(attn.out_proj, "self_attn.out_proj"),
                 lin(ffn.fc1, "ffn.fc1"), lin(ffn.fc2, "ffn.fc2"),
                 layer.attn_residual_scale.detach().float().numpy().copy(),
                 layer.ffn_residual_scale.detach().float().numpy().copy()))
@@ -181,9 +187,10 @@ class PackedEngine:
         for i, block in enumerate(self.blocks):
             prefix = f"model.layers.{i}"
             a = self._lif(x.copy(), "block_in")
-            q = self._linear(a, block.q, "q")
-            k = self._linear(a, block.k, "k")
-            v = self._linear(a, block.v, "v")
+            qkv = np.empty((n, cfg.time_steps, 3 * d), np.float32)
+            self.ops.linear_spikes(a, block.qkv.weight, block.qkv.bias, block.qkv.scale, qkv)
+            q, k, v = (self._lif(np.ascontiguousarray(qkv[..., j * d:(j + 1) * d]), group)
+                       for j, group in enumerate(("q", "k", "v")))
             cache.keys[i, :, past:past + n] = k.transpose(1, 0, 2)
             cache.values[i, :, past:past + n] = v.transpose(1, 0, 2)
             attn = self.neurons["attn"]
@@ -257,7 +264,7 @@ class PackedEngine:
         blocks = dense = 0.0
         for i, block in enumerate(self.blocks):
             prefix = f"model.layers.{i}"
-            inputs = [(record[f"{prefix}.attn_in_neuron"], (block.q, block.k, block.v)),
+            inputs = [(record[f"{prefix}.attn_in_neuron"], (block.qkv,)),
                       (record[f"{prefix}.self_attn.out_proj"] != 0, (block.out,)),
                       (record[f"{prefix}.ffn_in_neuron"], (block.fc1,)),
                       (record[f"{prefix}.ffn.hidden_neuron"], (block.fc2,))]

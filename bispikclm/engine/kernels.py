@@ -4,6 +4,10 @@
   with count-trailing-zeros, and each weight row that fired at any step is read once and added to the
   accumulator of every step whose bit is set (the gather is fused into the accumulation). Threads split the
   output features into tiles of whole 64-bit words, so each thread writes its own words.
+  The fired rows are listed first and the row ``PREFETCH_ROWS`` ahead is prefetched while one is added: rows
+  that fired are scattered, so the hardware prefetcher cannot guess them (1.6x on weights that are not in cache).
+* The int8 head (float LayerNorm output times int8 rows) accumulates rows into tiles of the vocabulary, with the
+  same prefetch (2x).
 * Q·Kᵀ is AND + popcount over packed words; P·V adds the value spikes of the keys whose attention neuron
   fired, walking their set bits.
 """
@@ -13,9 +17,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import njit, prange, types
+from llvmlite import ir
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
+PREFETCH_ROWS = 4  # how many rows ahead to prefetch (measured: 2-8 all help, 4 best on this CPU)
+HEAD_TILE = 1024  # vocabulary entries per job of the int8 head
 PREFILL_TILE = 512  # output features per job over many tokens: a weight tile [in, 512] stays in L2 across tokens
 
 
@@ -33,6 +41,25 @@ def _ctz(typingctx, word):
     return types.uint64(types.uint64), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, address):
+    """Hint the CPU to load the cache line at ``address`` (``llvm.prefetch``, read, keep in all levels)."""
+    def codegen(context, builder, signature, args):
+        byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(prefetch, [builder.inttoptr(args[0], byte_ptr), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(types.uintp), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_row(weight, row, c0, width):
+    start = weight.ctypes.data + (row * weight.shape[1] + c0) * weight.itemsize
+    for line in range(0, width * weight.itemsize, 64):
+        _prefetch(start + line)
+
+
 def _tile(features: int, tokens: int) -> int:
     """Output features per job, a multiple of 64: one contiguous share per thread when decoding a token (long
     runs along each weight row), at most :data:`PREFILL_TILE` when many tokens reuse the tile."""
@@ -44,28 +71,35 @@ def _tile(features: int, tokens: int) -> int:
 @njit(parallel=True, cache=True, nogil=True)
 def _linear_spikes(spikes, weight, bias, scale, out, tile):
     n_tok, t_steps, n_words = spikes.shape
-    n_out = weight.shape[1]
+    n_in, n_out = weight.shape
     n_tiles = (n_out + tile - 1) // tile
     for job in prange(n_tiles):
         c0 = job * tile
         width = min(tile, n_out - c0)
         acc = np.empty((t_steps, tile), bias.dtype)
+        rows = np.empty(n_in, np.int64)
         for n in range(n_tok):
             for t in range(t_steps):
                 acc[t, :width] = bias[c0:c0 + width]
+            count = 0                                   # the inputs that fired at any step, in increasing order
             for w in range(n_words):
                 fired = np.uint64(0)
                 for t in range(t_steps):
                     fired |= spikes[n, t, w]
                 while fired:
-                    bit = _ctz(fired)
+                    rows[count] = w * 64 + _ctz(fired)
                     fired &= fired - np.uint64(1)
-                    row = weight[w * 64 + bit, c0:c0 + width]
-                    for t in range(t_steps):
-                        if (spikes[n, t, w] >> bit) & np.uint64(1):
-                            a = acc[t]
-                            for c in range(width):
-                                a[c] += row[c]
+                    count += 1
+            for k in range(count):
+                if k + PREFETCH_ROWS < count:
+                    _prefetch_row(weight, rows[k + PREFETCH_ROWS], c0, width)
+                i = rows[k]
+                row = weight[i, c0:c0 + width]          # read once, added at every step whose bit is set
+                for t in range(t_steps):
+                    if (spikes[n, t, i >> 6] >> np.uint64(i & 63)) & np.uint64(1):
+                        a = acc[t]
+                        for c in range(width):
+                            a[c] += row[c]
             for t in range(t_steps):
                 for c in range(width):
                     out[n, t, c0 + c] = np.float32(acc[t, c]) * scale[c0 + c]
@@ -86,17 +120,28 @@ def _linear_counts(counts, weight, bias, scale, out, tile):
         c0 = job * tile
         width = min(tile, n_out - c0)
         acc = np.empty((t_steps, tile), bias.dtype)
+        rows = np.empty(n_in, np.int64)
         for n in range(n_tok):
             for t in range(t_steps):
                 acc[t, :width] = bias[c0:c0 + width]
+            count = 0                                   # the inputs with a non-zero count at any step
             for i in range(n_in):
+                for t in range(t_steps):
+                    if counts[n, t, i] != 0:
+                        rows[count] = i
+                        count += 1
+                        break
+            for k in range(count):
+                if k + PREFETCH_ROWS < count:
+                    _prefetch_row(weight, rows[k + PREFETCH_ROWS], c0, width)
+                i = rows[k]
                 row = weight[i, c0:c0 + width]
                 for t in range(t_steps):
-                    k = counts[n, t, i]
-                    if k != 0:
+                    factor = counts[n, t, i]
+                    if factor != 0:
                         a = acc[t]
                         for c in range(width):
-                            a[c] += k * row[c]
+                            a[c] += factor * row[c]
             for t in range(t_steps):
                 for c in range(width):
                     out[n, t, c0 + c] = np.float32(acc[t, c]) * scale[c0 + c]
@@ -208,6 +253,8 @@ def _head_int8(h, weight, scale, out, tile):
         for n in range(n_tok):
             acc[:width] = 0
             for i in range(d):
+                if i + PREFETCH_ROWS < d:
+                    _prefetch_row(weight, i + PREFETCH_ROWS, c0, width)
                 x = h[n, i]
                 row = weight[i, c0:c0 + width]
                 for c in range(width):
@@ -218,4 +265,4 @@ def _head_int8(h, weight, scale, out, tile):
 
 def head_int8(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.head_int8`."""
-    _head_int8(h, weight, scale, out, 2048)
+    _head_int8(h, weight, scale, out, HEAD_TILE)
