@@ -2,8 +2,8 @@
 
 For the ``tiny`` and ``opt-125m`` shapes and T = 2, 4: prefill tokens/s (a 64-token WikiText-2 prompt) and
 decode tokens/s at batch 1 (24 further WikiText-2 tokens fed one at a time with the cache), the bytes of
-weights read per token, the firing rates the student ran at (random init), and where the engine's decode time
-goes (linears, attention, neurons, head, Python). Engines: float32 weights; int8 blocks (float head); int8 blocks
+weights read per token, the firing rates the student ran at (random init), its spike-for-spike agreement with
+the PyTorch model on the prompt, and where the engine's decode time goes (linears, attention, neurons, head, Python). Engines: float32 weights; int8 blocks (float head); int8 blocks
 and int8 head. Prefill: the best of ``--repeats`` runs; decode: the median time of a step over all steps of all
 runs (robust to other processes on a shared machine); the engine and OPT are measured alternately.
 Also: the linear-layer kernel choice (Numba fused event-driven vs torch index_select vs torch dense).
@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
-from bispikclm.engine import PackedEngine, kernels, pack, quantize_  # noqa: E402
+from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, spike_agreement  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = {"linear_spikes": "linears", "linear_counts": "linears", "sfsa": "attention", "lif": "neurons",
@@ -171,7 +171,8 @@ def bench_shape(preset: str, tokens: list[int], args) -> dict:
                 quantize_(model, head=variant.endswith("head"))
             engine = PackedEngine.from_model(model, int8=variant != "float32")
             record: dict = {}
-            engine.forward(prompt, engine.new_cache(len(prompt)), record=record)     # compiles; records rates
+            logits = engine.forward(prompt, engine.new_cache(len(prompt)), all_logits=True, record=record)
+            theirs, torch_logits = model_spikes(model, prompt)
             engine_run(engine, prompt[:8], decode[:2])
             prefills, steps = [], []
             for _ in range(args.repeats):    # alternate the two models so that both see the same machine load
@@ -186,6 +187,8 @@ def bench_shape(preset: str, tokens: list[int], args) -> dict:
                 "decode_tokens_per_s": round(1 / float(np.median(steps)), 2),
                 "weight_bytes_per_token": {"blocks": round(bytes_read["blocks"]), "head": round(bytes_read["head"]),
                                            "total": round(bytes_read["blocks"] + bytes_read["head"])},
+                "spike_agreement_with_torch": spike_agreement(record, theirs),
+                "greedy_next_tokens_equal_torch": float((logits.argmax(-1) == torch_logits.argmax(-1)).float().mean()),
                 "firing_rates": rates(record),
                 "decode_ms_per_token": profile(engine, prompt, decode),
             })

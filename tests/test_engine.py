@@ -11,9 +11,8 @@ from transformers import PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.cli import main
-from bispikclm.engine import PackedEngine, kernels, pack, quantize_, reference
+from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, reference, spike_agreement
 from bispikclm.errors import UserError
-from bispikclm.neurons import LIFNeuron
 
 SMALL = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
              max_position_embeddings=512)
@@ -45,31 +44,6 @@ def make_model(**overrides) -> BiSpikCLMForCausalLM:
     return BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **overrides})).eval()
 
 
-def model_spikes(model: BiSpikCLMForCausalLM, ids: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor]:
-    """Every neuron's spikes ``[N, T, D]`` and the attention output counts, by module path, and the logits."""
-    record, hooks = {}, []
-
-    def keep(name, value, dtype):
-        record[name] = value[:, 0].transpose(0, 1).numpy().astype(dtype)
-
-    for name, module in model.named_modules():
-        if isinstance(module, LIFNeuron) and not name.endswith("attn_neuron"):
-            hooks.append(module.register_forward_hook(lambda m, i, out, name=name: keep(name, out, bool)))
-        if name.endswith("out_proj"):
-            hooks.append(module.register_forward_pre_hook(lambda m, i, name=name: keep(name, i[0], np.int32)))
-    with torch.no_grad():
-        logits = model(ids[None], use_cache=False).logits[0]
-    for hook in hooks:
-        hook.remove()
-    return record, logits
-
-
-def agreement(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
-    assert ours.keys() == theirs.keys()
-    same = sum(int((ours[k] == theirs[k]).sum()) for k in ours)
-    return same / sum(v.size for v in ours.values())
-
-
 @pytest.mark.parametrize("time_steps, overrides", [(2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)),
                                                    (2, dict(spiking_head=True))])
 @pytest.mark.parametrize("int8", [False, True])
@@ -88,7 +62,7 @@ def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_step
     ours = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
     rate = np.mean([v.mean() for k, v in ours.items() if not k.endswith("out_proj")])
     assert 0.05 < rate < 0.5, rate
-    match = agreement(ours, theirs)
+    match = spike_agreement(ours, theirs)
     if int8:
         assert match == 1.0
     else:

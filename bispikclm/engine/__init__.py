@@ -6,7 +6,7 @@
   kernels, the same signatures, the same bits.
 """
 
-from .engine import PackedCache, PackedEngine
+from .engine import PackedCache, PackedEngine, model_spikes, spike_agreement
 from .packing import pack, quantize_, unpack
 
-__all__ = ["PackedCache", "PackedEngine", "pack", "quantize_", "unpack"]
+__all__ = ["PackedCache", "PackedEngine", "model_spikes", "pack", "quantize_", "spike_agreement", "unpack"]

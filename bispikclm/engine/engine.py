@@ -24,6 +24,7 @@ import torch
 from ..configuration import BiSpikCLMConfig
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
+from ..neurons import LIFNeuron
 from ..spike_ops import SpikeLinear
 from . import kernels, reference
 from .packing import int8_weights, is_int8, quantize_, unpack, words
@@ -280,3 +281,35 @@ class PackedEngine:
         else:
             head = self.model.lm_head.weight.numel() * 4
         return {"blocks": float(blocks), "head": float(head), "dense_blocks": float(dense)}
+
+
+@torch.no_grad()
+def model_spikes(model: BiSpikCLMForCausalLM, input_ids) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """The PyTorch model's spikes in the layout of :meth:`PackedEngine.forward`'s ``record``: every neuron group
+    ``[N, T, D]`` (bool) and the attention counts ``O`` (int32) by module path, for one sequence ``[N]``
+    (no cache). Returns ``(record, logits [N, V])``."""
+    record, hooks = {}, []
+
+    def keep(name: str, value: torch.Tensor, dtype) -> None:
+        record[name] = value[:, 0].transpose(0, 1).numpy().astype(dtype)
+
+    for name, module in model.named_modules():
+        if isinstance(module, LIFNeuron) and not name.endswith("attn_neuron"):
+            hooks.append(module.register_forward_hook(lambda m, i, out, name=name: keep(name, out, bool)))
+        if name.endswith("out_proj"):
+            hooks.append(module.register_forward_pre_hook(lambda m, i, name=name: keep(name, i[0], np.int32)))
+    try:
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        logits = model(ids, use_cache=False).logits[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return record, logits
+
+
+def spike_agreement(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
+    """Fraction of equal entries over every recorded spike tensor (and attention count) of two records."""
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"records differ in keys: {sorted(set(ours) ^ set(theirs))}")
+    same = sum(int((ours[k] == theirs[k]).sum()) for k in ours)
+    return same / sum(v.size for v in ours.values())

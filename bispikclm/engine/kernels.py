@@ -1,11 +1,11 @@
 """Numba fast path of every engine kernel; same signatures and same bits as :mod:`bispikclm.engine.reference`.
 
-* Linear layers are event-driven: the words of all T time steps of an input are OR-ed, the set bits are walked
-  with count-trailing-zeros, and each weight row that fired at any step is read once and added to the
-  accumulator of every step whose bit is set (the gather is fused into the accumulation). Threads split the
-  output features into tiles of whole 64-bit words, so each thread writes its own words.
-  The fired rows are listed first and the row ``PREFETCH_ROWS`` ahead is prefetched while one is added: rows
-  that fired are scattered, so the hardware prefetcher cannot guess them (1.6x on weights that are not in cache).
+* Linear layers are event-driven: the words of all T time steps of an input are OR-ed and the set bits walked
+  with count-trailing-zeros into a list of events (input row, its T-step firing pattern); each listed weight row
+  is then read once and added to the accumulator of every step whose bit is set (the gather is fused into the
+  accumulation). Threads split the output features into tiles of whole 64-bit words, so each thread writes its
+  own words. The row ``PREFETCH_ROWS`` ahead in the list is prefetched while one is added: rows that fired are
+  scattered, so the hardware prefetcher cannot guess them (1.6x on weights that are not in cache).
 * The int8 head (float LayerNorm output times int8 rows) accumulates rows into tiles of the vocabulary, with the
   same prefetch (2x).
 * Q·Kᵀ is AND + popcount over packed words; P·V adds the value spikes of the keys whose attention neuron
@@ -68,38 +68,76 @@ def _tile(features: int, tokens: int) -> int:
     return tile if tokens <= 4 else min(PREFILL_TILE, tile)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _linear_spikes(spikes, weight, bias, scale, out, tile):
+@njit(cache=True, nogil=True)
+def _no_events(n_tok, n_in, t_steps, like):
+    return (np.empty((n_tok, n_in), np.int64), np.zeros((n_tok, n_in, t_steps), like.dtype),
+            np.zeros(n_tok, np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _events_from_spikes(spikes, n_in, like):
+    """Per token, the inputs that fired at any step, in increasing order: ``rows [N, n_in]``, their 0/1 factor at
+    each step ``factors [N, n_in, T]`` (dtype of ``like``) and how many ``lengths [N]``."""
     n_tok, t_steps, n_words = spikes.shape
-    n_in, n_out = weight.shape
-    n_tiles = (n_out + tile - 1) // tile
-    for job in prange(n_tiles):
+    rows, factors, lengths = _no_events(n_tok, n_in, t_steps, like)
+    for n in range(n_tok):
+        for w in range(n_words):
+            fired = np.uint64(0)
+            for t in range(t_steps):
+                fired |= spikes[n, t, w]
+            while fired:
+                bit = _ctz(fired)
+                fired &= fired - np.uint64(1)
+                k = lengths[n]
+                rows[n, k] = w * 64 + bit
+                for t in range(t_steps):
+                    factors[n, k, t] = (spikes[n, t, w] >> bit) & np.uint64(1)
+                lengths[n] = k + 1
+    return rows, factors, lengths
+
+
+@njit(cache=True, nogil=True)
+def _events_from_counts(counts, like):
+    """Like :func:`_events_from_spikes` for integer counts ``[N, T, n_in]``: the inputs with a non-zero count."""
+    n_tok, t_steps, n_in = counts.shape
+    rows, factors, lengths = _no_events(n_tok, n_in, t_steps, like)
+    for n in range(n_tok):
+        for i in range(n_in):
+            k = lengths[n]
+            for t in range(t_steps):
+                factors[n, k, t] = counts[n, t, i]
+                if counts[n, t, i] != 0:
+                    rows[n, k] = i
+                    lengths[n] = k + 1
+    return rows, factors, lengths
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _accumulate(rows, factors, lengths, weight, bias, scale, out, tile):
+    """``out[n, t] = (bias + sum_k factors[n, k, t] * weight[rows[n, k]]) * scale``, reading each listed row once
+    for all T steps and prefetching the row ``PREFETCH_ROWS`` ahead."""
+    n_tok, t_steps = factors.shape[0], factors.shape[2]
+    n_out = weight.shape[1]
+    for job in prange((n_out + tile - 1) // tile):
         c0 = job * tile
         width = min(tile, n_out - c0)
         acc = np.empty((t_steps, tile), bias.dtype)
-        rows = np.empty(n_in, np.int64)
         for n in range(n_tok):
             for t in range(t_steps):
                 acc[t, :width] = bias[c0:c0 + width]
-            count = 0                                   # the inputs that fired at any step, in increasing order
-            for w in range(n_words):
-                fired = np.uint64(0)
+            for k in range(lengths[n]):
+                if k + PREFETCH_ROWS < lengths[n]:
+                    _prefetch_row(weight, rows[n, k + PREFETCH_ROWS], c0, width)
+                row = weight[rows[n, k], c0:c0 + width]
                 for t in range(t_steps):
-                    fired |= spikes[n, t, w]
-                while fired:
-                    rows[count] = w * 64 + _ctz(fired)
-                    fired &= fired - np.uint64(1)
-                    count += 1
-            for k in range(count):
-                if k + PREFETCH_ROWS < count:
-                    _prefetch_row(weight, rows[k + PREFETCH_ROWS], c0, width)
-                i = rows[k]
-                row = weight[i, c0:c0 + width]          # read once, added at every step whose bit is set
-                for t in range(t_steps):
-                    if (spikes[n, t, i >> 6] >> np.uint64(i & 63)) & np.uint64(1):
-                        a = acc[t]
+                    factor = factors[n, k, t]
+                    a = acc[t]
+                    if factor == 1:                     # a spike: an accumulate
                         for c in range(width):
                             a[c] += row[c]
+                    elif factor != 0:                   # an integer count (O = P V)
+                        for c in range(width):
+                            a[c] += factor * row[c]
             for t in range(t_steps):
                 for c in range(width):
                     out[n, t, c0 + c] = np.float32(acc[t, c]) * scale[c0 + c]
@@ -108,49 +146,15 @@ def _linear_spikes(spikes, weight, bias, scale, out, tile):
 def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
                   out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.linear_spikes`."""
-    _linear_spikes(spikes, weight, bias, scale, out, _tile(weight.shape[1], spikes.shape[0]))
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _linear_counts(counts, weight, bias, scale, out, tile):
-    n_tok, t_steps, n_in = counts.shape
-    n_out = weight.shape[1]
-    n_tiles = (n_out + tile - 1) // tile
-    for job in prange(n_tiles):
-        c0 = job * tile
-        width = min(tile, n_out - c0)
-        acc = np.empty((t_steps, tile), bias.dtype)
-        rows = np.empty(n_in, np.int64)
-        for n in range(n_tok):
-            for t in range(t_steps):
-                acc[t, :width] = bias[c0:c0 + width]
-            count = 0                                   # the inputs with a non-zero count at any step
-            for i in range(n_in):
-                for t in range(t_steps):
-                    if counts[n, t, i] != 0:
-                        rows[count] = i
-                        count += 1
-                        break
-            for k in range(count):
-                if k + PREFETCH_ROWS < count:
-                    _prefetch_row(weight, rows[k + PREFETCH_ROWS], c0, width)
-                i = rows[k]
-                row = weight[i, c0:c0 + width]
-                for t in range(t_steps):
-                    factor = counts[n, t, i]
-                    if factor != 0:
-                        a = acc[t]
-                        for c in range(width):
-                            a[c] += factor * row[c]
-            for t in range(t_steps):
-                for c in range(width):
-                    out[n, t, c0 + c] = np.float32(acc[t, c]) * scale[c0 + c]
+    events = _events_from_spikes(spikes, weight.shape[0], bias)
+    _accumulate(*events, weight, bias, scale, out, _tile(weight.shape[1], spikes.shape[0]))
 
 
 def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
                   out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.linear_counts`."""
-    _linear_counts(counts.astype(bias.dtype), weight, bias, scale, out, _tile(weight.shape[1], counts.shape[0]))
+    events = _events_from_counts(counts, bias)
+    _accumulate(*events, weight, bias, scale, out, _tile(weight.shape[1], counts.shape[0]))
 
 
 @njit(cache=True, nogil=True)
