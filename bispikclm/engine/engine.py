@@ -179,12 +179,7 @@ class PackedEngine:
         positions = torch.arange(past, past + n)
         x0 = self.model.model.embed(ids[None], positions[None])[0].float().numpy()
         x = np.ascontiguousarray(np.broadcast_to(x0[:, None], (n, cfg.time_steps, cfg.hidden_size)))
-        d, keep = cfg.hidden_size, record is not None
-
-        def note(name: str, spikes: np.ndarray) -> None:
-            if keep:
-                record[name] = unpack(spikes, d if spikes.shape[-1] == words(d) else cfg.ffn_dim)
-
+        d = cfg.hidden_size
         for i, block in enumerate(self.blocks):
             prefix = f"model.layers.{i}"
             a = self._lif(x.copy(), "block_in")
@@ -204,11 +199,11 @@ class PackedEngine:
             h = self._linear(b, block.fc1, "ffn_hidden")
             f = self._linear(h, block.fc2, "ffn_out")
             self.ops.residual_add(x, f, block.ffn_residual_scale)
-            if keep:
+            if record is not None:
                 for name, spikes in [("attn_in_neuron", a), ("self_attn.q_neuron", q), ("self_attn.k_neuron", k),
                                      ("self_attn.v_neuron", v), ("self_attn.out_neuron", y),
                                      ("ffn_in_neuron", b), ("ffn.hidden_neuron", h), ("ffn.out_neuron", f)]:
-                    note(f"{prefix}.{name}", spikes)
+                    record[f"{prefix}.{name}"] = unpack(spikes, cfg.ffn_dim if name == "ffn.hidden_neuron" else d)
                 record[f"{prefix}.self_attn.out_proj"] = counts
         cache.length = past + n
         return self._head(x if all_logits else x[-1:], record)[slice(None) if all_logits else -1]
