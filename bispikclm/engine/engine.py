@@ -1,0 +1,310 @@
+"""PackedEngine: BiSpikCLM inference on packed spikes, with no dense product on the activations of the blocks.
+
+Per token and block (``[N, T, ...]`` arrays, spikes packed as in :mod:`bispikclm.engine.packing`)::
+
+    A = LIF(X)                                  # block input spikes
+    Q, K, V = LIF(A Wq + bq), ...               # event-driven: rows of the inputs that fired, summed
+    O = P V,  P = LIF_attn(scale * popcount(Q AND K))   # against the packed binary K/V cache
+    X += g1 * LIF(O Wo + bo)                    # each spike adds its channel's residual weight
+    X += g2 * LIF(W2 LIF(W1 LIF(X) + b1) + b2)
+    logits = lm_head(LayerNorm(mean_t X))       # float head (or mean_t lm_head(LIF(X)) with spiking_head)
+
+The embedding and the float head are the PyTorch model's own modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from ..configuration import BiSpikCLMConfig
+from ..errors import UserError
+from ..modeling import BiSpikCLMForCausalLM
+from ..neurons import LIFNeuron
+from ..spike_ops import SpikeLinear
+from . import kernels, reference
+from .packing import int8_weights, is_int8, quantize_, unpack, words
+
+BACKENDS: dict[str, ModuleType] = {"numba": kernels, "reference": reference}
+
+
+@dataclass
+class PackedLinear:
+    """A linear layer for the engine: ``weight`` ``[in, out]`` (rows are inputs), ``bias`` ``[out]`` and
+    ``scale`` ``[out]``; currents are ``(bias + sum of weight rows) * scale``. Float32 weights carry a float32
+    bias and a scale of ones; int8 weights an int32 bias on the same power-of-two grid."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def from_module(cls, linear: torch.nn.Linear, int8: bool, name: str) -> "PackedLinear":
+        if int8 and isinstance(linear, SpikeLinear):
+            return cls(*int8_weights(linear, name))
+        weight = linear.weight.detach().float()
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
+        return cls(weight.t().contiguous().numpy(), bias.numpy().copy(), np.ones(weight.shape[0], np.float32))
+
+    @classmethod
+    def concat(cls, layers: list["PackedLinear"]) -> "PackedLinear":
+        """One layer whose outputs are those of ``layers`` side by side (same inputs): one pass over the spikes and
+        longer contiguous runs along each weight row."""
+        return cls(*(np.ascontiguousarray(np.concatenate(parts, axis=-1))
+                     for parts in zip(*((x.weight, x.bias, x.scale) for x in layers))))
+
+    @property
+    def nbytes_per_row(self) -> int:
+        return self.weight.shape[1] * self.weight.itemsize
+
+
+@dataclass
+class Neuron:
+    beta: float
+    threshold: float
+
+    @classmethod
+    def of(cls, config: BiSpikCLMConfig, group: str) -> "Neuron":
+        kwargs = config.neuron_kwargs(group)
+        return cls(float(kwargs["beta"]), float(kwargs["threshold"]))
+
+
+@dataclass
+class PackedBlock:
+    qkv: PackedLinear            # q_proj, k_proj, v_proj side by side
+    out: PackedLinear
+    fc1: PackedLinear
+    fc2: PackedLinear
+    attn_residual_scale: np.ndarray
+    ffn_residual_scale: np.ndarray
+
+
+class PackedCache:
+    """Binary K and V spikes of every layer, packed: ``keys``, ``values`` ``[L, T, max_length, W]`` uint64."""
+
+    def __init__(self, layers: int, time_steps: int, max_length: int, hidden_size: int) -> None:
+        shape = (layers, time_steps, max_length, words(hidden_size))
+        self.keys = np.zeros(shape, np.uint64)
+        self.values = np.zeros(shape, np.uint64)
+        self.length = 0
+
+
+class PackedEngine:
+    """Event-driven inference of a :class:`BiSpikCLMForCausalLM` on spikes packed into 64-bit words.
+
+    Args:
+        model: the PyTorch model (its embedding and float head are used as they are).
+        int8: run the linear layers of the blocks on int8 weights; the model must have been quantized with
+            :func:`bispikclm.engine.quantize_`, and then both give the same spikes bit for bit. A head quantized
+            with ``quantize_(model, head=True)`` runs on int8 weights too (float LayerNorm output times int8
+            rows: a quarter of the float head's bytes).
+        backend: ``"numba"`` (fast path) or ``"reference"`` (plain NumPy, same results).
+    """
+
+    def __init__(self, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> None:
+        if backend not in BACKENDS:
+            raise UserError(f"unknown engine backend {backend!r} (known: {sorted(BACKENDS)})")
+        self.model = model.eval()
+        self.config = cfg = model.config
+        self.ops = BACKENDS[backend]
+        self.int8 = int8
+        self.blocks = []
+        for i, layer in enumerate(model.model.layers):
+            attn, ffn, prefix = layer.self_attn, layer.ffn, f"model.layers.{i}"
+            lin = lambda m, n: PackedLinear.from_module(m, int8, f"{prefix}.{n}")  # noqa: E731
+            self.blocks.append(PackedBlock(
+                PackedLinear.concat([lin(attn.q_proj, "self_attn.q_proj"), lin(attn.k_proj, "self_attn.k_proj"),
+                                     lin(attn.v_proj, "self_attn.v_proj")]),
+                lin(attn.out_proj, "self_attn.out_proj"),
+                lin(ffn.fc1, "ffn.fc1"), lin(ffn.fc2, "ffn.fc2"),
+                layer.attn_residual_scale.detach().float().numpy().copy(),
+                layer.ffn_residual_scale.detach().float().numpy().copy()))
+        self.neurons = {g: Neuron.of(cfg, g) for g in ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in",
+                                                        "ffn_hidden", "ffn_out", "head")}
+        self.head = PackedLinear.from_module(model.lm_head, False, "lm_head") if cfg.spiking_head else None
+        self.head_int8 = None
+        if int8 and not cfg.spiking_head and is_int8(model.lm_head):
+            weight_t, _, scale = int8_weights(model.lm_head, "lm_head")
+            self.head_int8 = (weight_t, scale)
+
+    @classmethod
+    def from_model(cls, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> "PackedEngine":
+        """An engine on ``model``'s weights (see the class for the arguments)."""
+        return cls(model, int8=int8, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, path: str, int8: bool = False, int8_head: bool = False,
+                        backend: str = "numba") -> "PackedEngine":
+        """An engine for a saved checkpoint; with ``int8`` the model is quantized first (its head too with
+        ``int8_head``)."""
+        model = BiSpikCLMForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return cls(quantize_(model, head=int8_head) if int8 else model, int8=int8, backend=backend)
+
+    def new_cache(self, max_length: int | None = None) -> PackedCache:
+        """An empty cache for up to ``max_length`` positions (default: ``max_position_embeddings``)."""
+        cfg = self.config
+        return PackedCache(cfg.num_hidden_layers, cfg.time_steps, max_length or cfg.max_position_embeddings,
+                           cfg.hidden_size)
+
+    def _lif(self, current: np.ndarray, group: str) -> np.ndarray:
+        neuron = self.neurons[group]
+        spikes = np.empty(current.shape[:2] + (words(current.shape[2]),), np.uint64)
+        self.ops.lif(current, neuron.beta, neuron.threshold, spikes)
+        return spikes
+
+    def _linear(self, inputs: np.ndarray, layer: PackedLinear, group: str, counts: bool = False) -> np.ndarray:
+        current = np.empty(inputs.shape[:2] + (layer.weight.shape[1],), np.float32)
+        (self.ops.linear_counts if counts else self.ops.linear_spikes)(inputs, layer.weight, layer.bias,
+                                                                       layer.scale, current)
+        return self._lif(current, group)
+
+    @torch.no_grad()
+    def forward(self, input_ids, cache: PackedCache, all_logits: bool = False,
+                record: dict[str, np.ndarray] | None = None) -> torch.Tensor:
+        """Run ``input_ids`` ``[N]`` (one sequence) after the ``cache.length`` cached positions.
+
+        Returns the logits of the last token ``[V]`` (``[N, V]`` with ``all_logits``). With ``record``, stores
+        every neuron group's spikes ``[N, T, D]`` (bool) under the model's module path, and the attention
+        output counts ``O = P V`` ``[N, T, D]`` under ``model.layers.<i>.self_attn.out_proj``."""
+        cfg = self.config
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        n, past = ids.numel(), cache.length
+        if past + n > cache.keys.shape[2]:
+            raise UserError(f"{past + n} positions exceed the cache ({cache.keys.shape[2]}); "
+                            f"the model has max_position_embeddings={cfg.max_position_embeddings}")
+        positions = torch.arange(past, past + n)
+        x0 = self.model.model.embed(ids[None], positions[None])[0].float().numpy()
+        x = np.ascontiguousarray(np.broadcast_to(x0[:, None], (n, cfg.time_steps, cfg.hidden_size)))
+        d = cfg.hidden_size
+        for i, block in enumerate(self.blocks):
+            prefix = f"model.layers.{i}"
+            a = self._lif(x.copy(), "block_in")
+            qkv = np.empty((n, cfg.time_steps, 3 * d), np.float32)
+            self.ops.linear_spikes(a, block.qkv.weight, block.qkv.bias, block.qkv.scale, qkv)
+            q, k, v = (self._lif(np.ascontiguousarray(qkv[..., j * d:(j + 1) * d]), group)
+                       for j, group in enumerate(("q", "k", "v")))
+            cache.keys[i, :, past:past + n] = k.transpose(1, 0, 2)
+            cache.values[i, :, past:past + n] = v.transpose(1, 0, 2)
+            attn = self.neurons["attn"]
+            counts = np.empty((n, cfg.time_steps, d), np.int32)
+            self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads,
+                          cfg.effective_attn_scale, attn.beta, attn.threshold, counts)
+            y = self._linear(counts, block.out, "attn_out", counts=True)
+            self.ops.residual_add(x, y, block.attn_residual_scale)
+            b = self._lif(x.copy(), "ffn_in")
+            h = self._linear(b, block.fc1, "ffn_hidden")
+            f = self._linear(h, block.fc2, "ffn_out")
+            self.ops.residual_add(x, f, block.ffn_residual_scale)
+            if record is not None:
+                for name, spikes in [("attn_in_neuron", a), ("self_attn.q_neuron", q), ("self_attn.k_neuron", k),
+                                     ("self_attn.v_neuron", v), ("self_attn.out_neuron", y),
+                                     ("ffn_in_neuron", b), ("ffn.hidden_neuron", h), ("ffn.out_neuron", f)]:
+                    record[f"{prefix}.{name}"] = unpack(spikes, cfg.ffn_dim if name == "ffn.hidden_neuron" else d)
+                record[f"{prefix}.self_attn.out_proj"] = counts
+        cache.length = past + n
+        return self._head(x if all_logits else x[-1:], record)[slice(None) if all_logits else -1]
+
+    def _head(self, x: np.ndarray, record: dict | None) -> torch.Tensor:
+        """Logits ``[N, V]`` from the last residual stream ``x`` ``[N, T, D]``."""
+        if self.head is None:
+            h = self.model.final_layer_norm(torch.from_numpy(x).mean(1))
+            if self.head_int8 is None:
+                return self.model.lm_head(h)
+            weight, scale = self.head_int8
+            logits = np.empty((h.shape[0], weight.shape[1]), np.float32)
+            self.ops.head_int8(h.numpy(), weight, scale, logits)
+            return torch.from_numpy(logits)
+        spikes = self._lif(x.copy(), "head")
+        if record is not None:
+            record["head_neuron"] = unpack(spikes, x.shape[-1])
+        current = np.empty(spikes.shape[:2] + (self.head.weight.shape[1],), np.float32)
+        self.ops.linear_spikes(spikes, self.head.weight, self.head.bias, self.head.scale, current)
+        return torch.from_numpy(current).mean(1)
+
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
+        """Stream new token ids after the prompt ``input_ids`` ``[N]``: greedy with ``temperature=0``, otherwise
+        sampled from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise UserError("the prompt is empty; give at least one token")
+        limit = min(self.config.max_position_embeddings, ids.numel() + max_new_tokens)
+        cache = self.new_cache(limit)
+        logits = self.forward(ids, cache)
+        for _ in range(limit - ids.numel()):
+            token = self._pick(logits, temperature, top_k, generator)
+            yield token
+            if token == eos_token_id or cache.length == limit:
+                return
+            logits = self.forward([token], cache)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
+        if temperature <= 0:
+            return int(logits.argmax())
+        if top_k:
+            cut = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < cut, float("-inf"))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def weight_bytes(self, record: dict[str, np.ndarray]) -> dict[str, float]:
+        """Bytes of weights read per token, from a ``record`` of :meth:`forward`: each linear layer reads the
+        rows of the inputs that fired at any time step (every row with a non-zero count for ``out_proj``);
+        a dense head reads its whole matrix. Returns ``{"blocks", "head", "dense_blocks"}``: bytes per token of
+        the blocks, of the head, and of the blocks' weights in float32 (what a dense product reads)."""
+        blocks = dense = 0.0
+        for i, block in enumerate(self.blocks):
+            prefix = f"model.layers.{i}"
+            inputs = [(record[f"{prefix}.attn_in_neuron"], (block.qkv,)),
+                      (record[f"{prefix}.self_attn.out_proj"] != 0, (block.out,)),
+                      (record[f"{prefix}.ffn_in_neuron"], (block.fc1,)),
+                      (record[f"{prefix}.ffn.hidden_neuron"], (block.fc2,))]
+            for fired, layers in inputs:
+                rows = fired.any(axis=1).sum(axis=1).mean()          # rows read per token
+                for layer in layers:
+                    blocks += rows * layer.nbytes_per_row
+                    dense += layer.weight.shape[0] * layer.weight.shape[1] * 4
+        if self.head is not None:
+            head = record["head_neuron"].any(axis=1).sum(axis=1).mean() * self.head.nbytes_per_row
+        elif self.head_int8 is not None:
+            head = self.head_int8[0].nbytes
+        else:
+            head = self.model.lm_head.weight.numel() * 4
+        return {"blocks": float(blocks), "head": float(head), "dense_blocks": float(dense)}
+
+
+@torch.no_grad()
+def model_spikes(model: BiSpikCLMForCausalLM, input_ids) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """The PyTorch model's spikes in the layout of :meth:`PackedEngine.forward`'s ``record``: every neuron group
+    ``[N, T, D]`` (bool) and the attention counts ``O`` (int32) by module path, for one sequence ``[N]``
+    (no cache). Returns ``(record, logits [N, V])``."""
+    record, hooks = {}, []
+
+    def keep(name: str, value: torch.Tensor, dtype) -> None:
+        record[name] = value[:, 0].transpose(0, 1).numpy().astype(dtype)
+
+    for name, module in model.named_modules():
+        if isinstance(module, LIFNeuron) and not name.endswith("attn_neuron"):
+            hooks.append(module.register_forward_hook(lambda m, i, out, name=name: keep(name, out, bool)))
+        if name.endswith("out_proj"):
+            hooks.append(module.register_forward_pre_hook(lambda m, i, name=name: keep(name, i[0], np.int32)))
+    try:
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        logits = model(ids, use_cache=False).logits[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return record, logits
+
+
+def spike_agreement(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
+    """Fraction of equal entries over every recorded spike tensor (and attention count) of two records."""
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"records differ in keys: {sorted(set(ours) ^ set(theirs))}")
+    same = sum(int((ours[k] == theirs[k]).sum()) for k in ours)
+    return same / sum(v.size for v in ours.values())

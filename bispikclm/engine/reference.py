@@ -1,0 +1,102 @@
+"""Plain NumPy reference of every engine kernel: readable, slow, and the specification of the fast path.
+
+Each function has the same signature as its fast twin in :mod:`bispikclm.engine.kernels` and the same float
+operations in the same order, so the two give identical bits. Shapes: ``N`` tokens, ``T`` time steps,
+``W = ceil(D / 64)`` words of packed spikes (see :mod:`bispikclm.engine.packing`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .packing import pack, unpack
+
+
+def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
+                  out: np.ndarray) -> None:
+    """Event-driven linear layer: ``out[n, t] = (bias + sum of the rows i of weight whose input fired at
+    (n, t)) * scale``, summing rows in increasing ``i``.
+
+    ``spikes`` ``[N, T, W_in]`` uint64; ``weight`` ``[in, out]`` float32 (or int8); ``bias`` ``[out]`` float32
+    (int32 with int8 weights); ``scale`` ``[out]`` float32; ``out`` ``[N, T, out]`` float32, written."""
+    fired = unpack(spikes, weight.shape[0])
+    for n in range(spikes.shape[0]):
+        for t in range(spikes.shape[1]):
+            acc = bias.copy()
+            for i in np.flatnonzero(fired[n, t]):
+                acc += weight[i]
+            out[n, t] = acc.astype(np.float32) * scale
+
+
+def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
+                  out: np.ndarray) -> None:
+    """Linear layer on integer spike counts (``O = P V``): ``out[n, t] = (bias + sum_i counts[n, t, i] *
+    weight[i]) * scale`` over the non-zero counts in increasing ``i``. ``counts`` ``[N, T, in]`` int32."""
+    for n in range(counts.shape[0]):
+        for t in range(counts.shape[1]):
+            acc = bias.copy()
+            for i in np.flatnonzero(counts[n, t]):
+                acc += bias.dtype.type(counts[n, t, i]) * weight[i]
+            out[n, t] = acc.astype(np.float32) * scale
+
+
+def lif(current: np.ndarray, beta: float, threshold: float, out: np.ndarray) -> None:
+    """LIF neurons with soft reset over the time axis of ``current`` ``[N, T, D]`` float32, in place:
+    ``current`` becomes the membrane potential ``U``; ``out`` ``[N, T, W]`` uint64 gets the packed spikes
+    ``U >= threshold``. ``U[t] = beta * U[t-1] + I[t] - threshold * S[t-1]`` in float32."""
+    beta, threshold = np.float32(beta), np.float32(threshold)
+    u = np.zeros_like(current[:, 0])
+    s = np.zeros_like(u)
+    for t in range(current.shape[1]):
+        u = beta * u + current[:, t] - threshold * s
+        s = (u >= threshold).astype(np.float32)
+        current[:, t] = u
+    out[...] = pack(current >= threshold)
+
+
+def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
+    """``x += spikes * gain`` in place: each spike adds its channel's weight. ``x`` ``[N, T, D]`` float32,
+    ``spikes`` ``[N, T, W]`` uint64, ``gain`` ``[D]`` float32."""
+    fired = unpack(spikes, x.shape[-1])
+    x[fired] += np.broadcast_to(gain, x.shape)[fired]
+
+
+def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, scale: float,
+         beta: float, threshold: float, out: np.ndarray) -> None:
+    """Softmax-free spiking attention of ``N`` new queries against the binary K/V cache.
+
+    ``q`` ``[N, T, W]`` packed; ``k_cache``, ``v_cache`` ``[T, N_max, W]`` packed, rows ``0 .. past + N - 1``
+    filled; query ``n`` is position ``past + n`` and sees keys ``0 .. past + n``. Per head and key:
+    ``S = popcount(Q AND K)``, ``P = LIF(scale * S)`` over the T steps, and ``out`` ``[N, T, D]`` int32 gets
+    ``O = P V``, the count of the value spikes of the keys whose attention neuron fired."""
+    n_new, t_steps, _ = q.shape
+    d = out.shape[-1]
+    head_dim = d // num_heads
+    keys = past + n_new
+    qb = unpack(q, d).reshape(n_new, t_steps, num_heads, 1, head_dim)
+    kb = unpack(k_cache[:, :keys], d).reshape(t_steps, keys, num_heads, head_dim).transpose(0, 2, 1, 3)
+    vb = unpack(v_cache[:, :keys], d).reshape(t_steps, keys, num_heads, head_dim).transpose(0, 2, 1, 3)
+    scores = (qb & kb[None]).sum(-1)                                         # [N, T, H, keys]
+    current = scores.astype(np.float32) * np.float32(scale)
+    causal = np.arange(keys)[None, :] <= past + np.arange(n_new)[:, None]   # [N, keys]
+    beta, threshold = np.float32(beta), np.float32(threshold)
+    u = np.zeros_like(current[:, 0])
+    s = np.zeros_like(u)
+    for t in range(t_steps):
+        u = beta * u + current[:, t] - threshold * s
+        s = (u >= threshold).astype(np.float32)
+        attn = (u >= threshold) & causal[:, None, :]                         # P[t], [N, H, keys]
+        counts = np.einsum("nhk,hkd->nhd", attn.astype(np.int32), vb[t].astype(np.int32))
+        out[:, t] = counts.reshape(n_new, d)
+
+
+
+def head_int8(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """Float head on int8 weights: ``out[n] = (sum_i h[n, i] * weight[i]) * scale``, summing over ``i`` in order
+    in float32. ``h`` ``[N, D]`` float32 (the LayerNorm output); ``weight`` ``[D, V]`` int8; ``scale`` ``[V]``
+    float32; ``out`` ``[N, V]`` float32, written."""
+    for n in range(h.shape[0]):
+        acc = np.zeros(weight.shape[1], np.float32)
+        for i in range(h.shape[1]):
+            acc += h[n, i] * weight[i].astype(np.float32)
+        out[n] = acc * scale

@@ -1,0 +1,159 @@
+"""The packed engine reproduces the PyTorch model spike for spike on WikiText-2 text, and its fast path (Numba)
+gives the same bits as its plain reference (NumPy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import PreTrainedTokenizerFast
+
+from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.cli import main
+from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, reference, spike_agreement
+from bispikclm.errors import UserError
+
+SMALL = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
+             max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir, tmp_path_factory) -> PreTrainedTokenizerFast:
+    """A 2,048-token byte-level BPE trained on the first 20,000 lines of WikiText-2 train."""
+    lines = (data_dir / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines()[:20000]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=SMALL["vocab_size"], special_tokens=["</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    tok.save_pretrained(tmp_path_factory.mktemp("tokenizer"))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def test_text(data_dir) -> list[str]:
+    """Non-empty, non-heading paragraphs of WikiText-2 test."""
+    lines = (data_dir / "wikitext-2" / "test.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if len(line.split()) > 40 and not line.strip().startswith("=")]
+
+
+def make_model(**overrides) -> BiSpikCLMForCausalLM:
+    torch.manual_seed(0)
+    return BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **overrides})).eval()
+
+
+@pytest.mark.parametrize("time_steps, overrides", [(2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)),
+                                                   (2, dict(spiking_head=True))])
+@pytest.mark.parametrize("int8", [False, True])
+def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_steps, overrides, int8):
+    model = make_model(time_steps=time_steps, **overrides)
+    if int8:
+        quantize_(model, head=True)
+    ids = torch.tensor(tokenizer(" ".join(test_text[:4]))["input_ids"][:256])
+    theirs, logits = model_spikes(model, ids)
+    engine = PackedEngine.from_model(model, int8=int8)
+    # prefill 200 tokens, then decode the rest one by one against the packed cache
+    cache, records, steps = engine.new_cache(), [], []
+    for chunk in [ids[:200]] + [ids[i:i + 1] for i in range(200, len(ids))]:
+        records.append({})
+        steps.append(engine.forward(chunk, cache, all_logits=True, record=records[-1]))
+    ours = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    rate = np.mean([v.mean() for k, v in ours.items() if not k.endswith("out_proj")])
+    assert 0.05 < rate < 0.5, rate
+    match = spike_agreement(ours, theirs)
+    if int8:
+        assert match == 1.0
+    else:
+        assert match >= 0.9999, match
+    torch.testing.assert_close(torch.cat(steps), logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.cat(steps).argmax(-1), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_greedy_generations_are_identical(tokenizer, test_text, int8):
+    model = make_model(time_steps=2)
+    if int8:
+        quantize_(model)
+    engine = PackedEngine.from_model(model, int8=int8)
+    for text in test_text[10:15]:
+        prompt = torch.tensor(tokenizer(" ".join(text.split()[:12]))["input_ids"])
+        expected = model.generate(prompt[None], max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert list(engine.generate(prompt, max_new_tokens=20)) == expected
+
+
+def random_linear(rng, n_in, n_out, int8):
+    if int8:
+        return (rng.integers(-127, 128, (n_in, n_out)).astype(np.int8), rng.integers(-999, 999, n_out).astype(np.int32),
+                np.exp2(rng.integers(-9, -5, n_out)).astype(np.float32))
+    return rng.standard_normal((n_in, n_out)).astype(np.float32), rng.standard_normal(n_out).astype(np.float32), \
+        np.ones(n_out, np.float32)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("time_steps", [1, 2, 4])
+def test_fast_path_gives_the_reference_bits(int8, time_steps):
+    rng = np.random.default_rng(time_steps)
+    n, d, heads, past = 7, 160, 5, 9                   # head_dim 32: heads straddle 64-bit words
+    for n_in, n_out in [(160, 600), (600, 160)]:
+        weight, bias, scale = random_linear(rng, n_in, n_out, int8)
+        spikes = pack(rng.random((n, time_steps, n_in)) < 0.3)
+        counts = rng.integers(0, 4, (n, time_steps, n_in)).astype(np.int32) * (rng.random((n, time_steps, n_in)) < 0.5)
+        for name, inputs in [("linear_spikes", spikes), ("linear_counts", counts)]:
+            fast, ref = (np.empty((n, time_steps, n_out), np.float32) for _ in range(2))
+            getattr(kernels, name)(inputs, weight, bias, scale, fast)
+            getattr(reference, name)(inputs, weight, bias, scale, ref)
+            assert np.array_equal(fast, ref), name
+    current = rng.standard_normal((n, time_steps, d)).astype(np.float32) * 2
+    gain = rng.standard_normal(d).astype(np.float32)
+    outs = []
+    for ops in (kernels, reference):
+        membrane, spikes = current.copy(), np.empty((n, time_steps, 3), np.uint64)
+        ops.lif(membrane, 0.7, 0.9, spikes)
+        x = current.copy()
+        ops.residual_add(x, spikes, gain)
+        outs.append((membrane, spikes, x))
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+    q = pack(rng.random((n, time_steps, d)) < 0.4)
+    k_cache, v_cache = (pack(rng.random((time_steps, 32, d)) < 0.4) for _ in range(2))
+    fast, ref = (np.empty((n, time_steps, d), np.int32) for _ in range(2))
+    kernels.sfsa(q, k_cache, v_cache, past, heads, 1 / 32, 0.5, 0.05, fast)
+    reference.sfsa(q, k_cache, v_cache, past, heads, 1 / 32, 0.5, 0.05, ref)
+    assert np.array_equal(fast, ref) and fast.any()
+    h = rng.standard_normal((2, d)).astype(np.float32)
+    weight, _, scale = random_linear(rng, d, 3000, True)
+    fast, ref = (np.empty((2, 3000), np.float32) for _ in range(2))
+    kernels.head_int8(h, weight, scale, fast)
+    reference.head_int8(h, weight, scale, ref)
+    assert np.array_equal(fast, ref)
+
+
+def test_int8_engine_needs_a_quantized_model_and_quantizing_is_idempotent():
+    model = make_model()
+    with pytest.raises(UserError, match="quantize_"):
+        PackedEngine.from_model(model, int8=True)
+    quantize_(model, head=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_(model, head=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    weight = model.model.layers[0].ffn.fc1.weight.detach()
+    step = torch.exp2(torch.ceil(torch.log2(weight.abs().amax(1, keepdim=True) / 127)))   # a power of two per row
+    levels = weight / step
+    assert torch.equal(levels, levels.round()) and levels.abs().max() == 127
+
+
+def test_generate_command_streams_the_same_text_from_both_engines(tokenizer, test_text, tmp_path, capsys):
+    make_model(time_steps=2).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompt = " ".join(test_text[3].split()[:10])
+    texts = {}
+    for engine in ("torch", "packed"):
+        assert main(["generate", str(tmp_path), "--prompt", prompt, "--engine", engine, "--max-new-tokens", "12",
+                     "--int8"]) == 0
+        texts[engine] = capsys.readouterr().out
+    assert texts["torch"] == texts["packed"] and len(texts["packed"].strip()) > 0
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
