@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.energy import (EnergyTable, count_operations, default_text_path, energy_report, format_report,
                               load_checkpoint, same_shape_ann, save_report, text_token_ids)
+from bispikclm.report import model_dir
 
 
 def wikitext_tokenizer(data_text: Path, vocab_size: int = 8192, lines: int = 20000) -> PreTrainedTokenizerFast:
@@ -73,8 +74,8 @@ def main() -> None:
         runs.append(measure(student, ann_count, input_ids, label, table))
 
     if args.run_dir:
-        student, tokenizer = load_checkpoint(Path(args.run_dir) / "student")
-        teacher = load_checkpoint(Path(args.run_dir) / "teacher")[0]
+        student, tokenizer = load_checkpoint(model_dir(Path(args.run_dir) / "student"))
+        teacher = load_checkpoint(model_dir(Path(args.run_dir) / "teacher"))[0]
         positions = student.config.max_position_embeddings
         input_ids = text_token_ids(tokenizer, text, min(args.seq_len, positions))
         ann_count = count_operations(teacher, input_ids, name="quickstart teacher")

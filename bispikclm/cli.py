@@ -27,12 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bispikclm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"bispikclm.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"bispikclm.commands.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"bispikclm.commands.{name}")
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)

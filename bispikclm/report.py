@@ -152,19 +152,29 @@ def _image(path: Path) -> str:
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
 
+def model_dir(folder: Path) -> Path | None:
+    """``folder`` when it holds a saved model, else ``folder/model`` (a training run's layout), else ``None``."""
+    for candidate in (folder, folder / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, text: str | Path | None = None,
                  tokens: int = 32, energy_seq_len: int = 256) -> Path:
     """Pictures, ``energy.json``, ``audit.json`` and ``report.html`` (images embedded) for ``run_dir`` holding
-    ``student/`` and optionally ``teacher/`` (``save_pretrained`` folders with tokenizers), in ``out_dir``
+    ``student/`` and optionally ``teacher/`` (``save_pretrained`` folders with tokenizers, or training run folders
+    with them in ``model/``), in ``out_dir``
     (default ``run_dir/report``). Returns the path of the HTML file."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    if not (run_dir / "student").is_dir():
-        raise UserError(f"{run_dir} has no student/ folder")
-    student, tokenizer = load_checkpoint(run_dir / "student")
+    student_dir, teacher_dir = model_dir(run_dir / "student"), model_dir(run_dir / "teacher")
+    if student_dir is None:
+        raise UserError(f"{run_dir} has no student/ (or student/model/) folder with a saved model")
+    student, tokenizer = load_checkpoint(student_dir)
     if not hasattr(student.config, "time_steps"):
-        raise UserError(f"{run_dir / 'student'} is not a BiSpikCLM student")
-    teacher = load_checkpoint(run_dir / "teacher")[0] if (run_dir / "teacher").is_dir() else None
+        raise UserError(f"{student_dir} is not a BiSpikCLM student")
+    teacher = load_checkpoint(teacher_dir)[0] if teacher_dir is not None else None
     out.mkdir(parents=True, exist_ok=True)
     positions = student.config.max_position_embeddings
     short = text_token_ids(tokenizer, text, tokens, max_length=positions)

@@ -3,7 +3,8 @@
 # sweep, and zero-shot scores of both, written under results/quickstart/ (JSON + Markdown + plot), with a
 # summary.md that collects the tables and the commands that made them.
 #
-#   scripts/eval_quickstart.sh RUN_DIR          # RUN_DIR holds teacher/ and student/ (save_pretrained + tokenizer)
+#   scripts/eval_quickstart.sh RUN_DIR   # RUN_DIR holds teacher/ and student/ (save_pretrained + tokenizer, directly
+#                                        # or in model/ as the quickstart writes them)
 #
 # Environment: PYTHON (default: python), OUT (default: results/quickstart), LIMIT (items per zero-shot task;
 # default: all), MAX_TOKENS (first tokens of WikiText-2 for perplexity; default: all),
@@ -19,8 +20,12 @@ LIMIT_ARGS=()
 [[ -n "${LIMIT:-}" ]] && LIMIT_ARGS=(--limit "$LIMIT")
 TOKEN_ARGS=()
 [[ -n "${MAX_TOKENS:-}" ]] && TOKEN_ARGS=(--max-tokens "$MAX_TOKENS")
+declare -A DIR
 for model in teacher student; do
-    [[ -f "$RUN_DIR/$model/config.json" ]] || { echo "error: $RUN_DIR/$model is not a save_pretrained folder" >&2; exit 2; }
+    if [[ -f "$RUN_DIR/$model/config.json" ]]; then DIR[$model]="$RUN_DIR/$model"
+    elif [[ -f "$RUN_DIR/$model/model/config.json" ]]; then DIR[$model]="$RUN_DIR/$model/model"   # quickstart layout
+    else echo "error: neither $RUN_DIR/$model nor $RUN_DIR/$model/model is a save_pretrained folder" >&2; exit 2
+    fi
 done
 
 run() {
@@ -31,11 +36,11 @@ run() {
 mkdir -p "$OUT"
 : > "$OUT/commands.txt"
 for model in teacher student; do
-    run "$PYTHON" -m bispikclm eval ppl --model "$RUN_DIR/$model" "${TOKEN_ARGS[@]}" --out "$OUT/$model"
-    run "$PYTHON" -m bispikclm eval zeroshot --model "$RUN_DIR/$model" --tasks paper,extra "${LIMIT_ARGS[@]}" \
+    run "$PYTHON" -m bispikclm eval ppl --model "${DIR[$model]}" "${TOKEN_ARGS[@]}" --out "$OUT/$model"
+    run "$PYTHON" -m bispikclm eval zeroshot --model "${DIR[$model]}" --tasks paper,extra "${LIMIT_ARGS[@]}" \
         --out "$OUT/$model"
 done
-run "$PYTHON" -m bispikclm eval sweep --model "$RUN_DIR/student" --thresholds "$THRESHOLDS" \
+run "$PYTHON" -m bispikclm eval sweep --model "${DIR[student]}" --thresholds "$THRESHOLDS" \
     --time-steps "$TIME_STEPS" "${TOKEN_ARGS[@]}" --out "$OUT/student"
 
 {

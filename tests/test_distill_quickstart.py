@@ -18,10 +18,18 @@ def test_quickstart_writes_its_run_folder(data_dir, tmp_path):
     done = cli("quickstart", "--data", str(data_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *SMALL)
     assert done.returncode == 0, done.stderr
     assert "student / teacher" in done.stdout and "firing rates" in done.stdout
+    assert "MatMul-free audit of the blocks: clean" in done.stdout
     results = json.loads((out / "results.json").read_text())
     assert {"teacher_ppl", "student_ppl", "unigram_ppl", "ratio", "student_firing_rates"} <= set(results)
+    assert results["audit_blocks_clean"] is True
+    energy = json.loads((out / "report" / "energy.json").read_text())
+    assert 0 < results["energy"]["ratio"] == energy["ratio"] < 1
+    assert f"energy {100 * energy['ratio']:.1f}%" in done.stdout
+    report = out / "report" / "report.html"
+    assert str(report) in done.stdout and report.stat().st_size > 50_000
     for name in ("teacher", "student"):
         assert (out / name / "model" / "model.safetensors").is_file()
+        assert (out / name / "model" / "tokenizer.json").is_file()   # each model folder loads on its own
         assert (out / name / "checkpoints" / "latest").is_file()
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert (tmp_path / "cache").is_dir() and (out / "tokenizer" / "tokenizer.json").is_file()

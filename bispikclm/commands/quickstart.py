@@ -1,8 +1,9 @@
 """``bispikclm quickstart``: train a small OPT teacher on WikiText-2, distill a same-shape BiSpikCLM student with
 SpAD, and compare both (and a unigram model) on WikiText-2 test perplexity.
 
-Run folder: ``tokenizer/``, ``teacher/`` (model, metrics, checkpoints), ``student/`` (the same),
-``results.json``, ``loss_curves.png``.
+Run folder: ``tokenizer/``, ``teacher/`` and ``student/`` (each: ``model/`` with its tokenizer, ``metrics.jsonl``,
+``checkpoints/``), ``results.json``, ``loss_curves.png`` and ``report/`` (energy against the teacher, MatMul-free
+audit, firing-pattern pictures, ``report.html``; see ``bispikclm report``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from ..configuration import BiSpikCLMConfig
 from ..data import encode, load_texts, pack, train_tokenizer, unigram_log_probs
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
 from ..errors import UserError
+from ..evaluation.perplexity import perplexity, windows
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
+from ..report import build_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,37 +73,11 @@ def wikitext_ids(data: Path, vocab_size: int, cache_dir: Path):
     return tokenizer, ids
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, context: int, batch_size: int = 32) -> float:
-    """Perplexity of ``model`` on the token stream ``ids`` ``[num_tokens]`` in non-overlapping windows of
-    ``context`` tokens (every position but each window's first is predicted)."""
-    model.eval()
-    windows = pack(ids, context)
-    nll, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        logits = model(batch, use_cache=False).logits.float()
-        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       batch[:, 1:].reshape(-1), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 def unigram_perplexity(train_ids: torch.Tensor, ids: torch.Tensor, vocab_size: int, context: int) -> float:
-    """Perplexity of the add-one smoothed unigram model on the same predicted tokens as :func:`perplexity`."""
-    targets = pack(ids, context)[:, 1:].reshape(-1)
+    """Perplexity of the add-one smoothed unigram model on exactly the tokens that
+    :func:`bispikclm.evaluation.perplexity.perplexity` scores with non-overlapping windows of ``context``."""
+    targets = torch.cat([ids[first:end] for _, end, first in windows(ids.numel(), context, context)])
     return math.exp(-float(unigram_log_probs(train_ids, vocab_size)[targets].mean()))
-
-
-@torch.no_grad()
-def firing_rate(model, ids: torch.Tensor, context: int, windows: int = 16) -> dict[str, float]:
-    """Mean firing rate of every neuron group of a spiking ``model`` on the first ``windows`` test windows."""
-    model.eval()
-    out = model(pack(ids, context)[:windows], use_cache=False, output_firing_rates=True)
-    rates = out.firing_rates
-    groups: dict[str, list[float]] = {}
-    for name, rate in rates.items():
-        groups.setdefault(name.split(".")[-1], []).append(rate)
-    return {"mean": sum(rates.values()) / len(rates), **{g: sum(r) / len(r) for g, r in sorted(groups.items())}}
 
 
 def plot_curves(out: Path) -> None:
@@ -132,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     recipe = recipe_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, **recipe["teacher"])
     trained = Trainer(OPTForCausalLM(opt_config), teacher_cfg, train_seqs, val_seqs, out / "teacher",
-                      progress=progress).fit()
+                      progress=progress, tokenizer=tokenizer).fit()
     timings["teacher_train_s"] = time.perf_counter() - start
     teacher = load_teacher(str(out / "teacher" / "model"))
     check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
@@ -164,36 +145,73 @@ def run(args: argparse.Namespace) -> int:
     config = BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe["student"])
     student = BiSpikCLMForCausalLM(config)
     distilled = Trainer(student, student_cfg, train_seqs, val_seqs, out / "student", teacher=teacher,
-                        progress=progress).fit()
+                        progress=progress, tokenizer=tokenizer).fit()
     timings["student_train_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     test = ids["test"][: args.test_tokens]
+    teacher_result = perplexity(teacher.eval(), test, context, batch_size=16, progress=progress)
+    student_result = perplexity(student.eval(), test, context, batch_size=16, progress=progress)
     results = {
-        "teacher_ppl": perplexity(teacher, test, context),
-        "student_ppl": perplexity(student, test, context),
+        "teacher_ppl": teacher_result.perplexity,
+        "student_ppl": student_result.perplexity,
         "unigram_ppl": unigram_perplexity(ids["train"], test, len(tokenizer), context),
-        "student_firing_rates": firing_rate(student, test, context),
-        "test_tokens": int(pack(test, context)[:, 1:].numel()),
+        "student_firing_rates": student_result.firing_rates,
+        "test_tokens": teacher_result.tokens,
         "teacher_tokens_per_s": trained["tokens_per_s"], "student_tokens_per_s": distilled["tokens_per_s"],
         "teacher_train_tokens": trained["tokens"], "student_train_tokens": distilled["tokens"],
         "student_skipped_steps": distilled["skipped_steps"],
     }
     timings["eval_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report_html = build_report(out, text=Path(args.data) / "wikitext-2" / "test.txt",
+                               energy_seq_len=min(256, context))
+    energy = json.loads((report_html.parent / "energy.json").read_text())
+    audit = json.loads((report_html.parent / "audit.json").read_text())
+    results["energy"] = {"student_mj_per_token": energy["student"]["energy_mj_per_token"],
+                         "teacher_mj_per_token": energy["ann"]["energy_mj_per_token"],
+                         "ratio": energy["ratio"], "blocks_ratio": blocks_ratio(energy),
+                         "head_percent_of_student": head_share(energy), "tokens": energy["tokens"]}
+    results["audit_blocks_clean"] = audit["blocks_clean"]
+    results["report"] = str(report_html)
+    timings["report_s"] = time.perf_counter() - start
     results["ratio"] = results["student_ppl"] / results["teacher_ppl"]
     results.update(timings, recipe=recipe)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_curves(out)
 
-    rates = results["student_firing_rates"]
-    print(f"\nWikiText-2 test perplexity ({results['test_tokens']:,} tokens, windows of {context}):")
-    print(f"  {'model':<28}{'perplexity':>12}")
+    cost = results["energy"]
+    print(f"\nWikiText-2 test ({results['test_tokens']:,} scored tokens, windows of {context}); energy per token "
+          f"counted on {cost['tokens']} tokens (45 nm: MAC 4.6 pJ, AC 0.9 pJ, head included):")
+    print(f"  {'model':<28}{'perplexity':>12}{'energy / token':>18}")
     print(f"  {'unigram (add-one)':<28}{results['unigram_ppl']:>12.1f}")
-    print(f"  {'OPT teacher':<28}{results['teacher_ppl']:>12.1f}")
-    print(f"  {f'BiSpikCLM student (T={config.time_steps})':<28}{results['student_ppl']:>12.1f}")
-    print(f"  student / teacher = {results['ratio']:.2f}")
+    print(f"  {'OPT teacher':<28}{results['teacher_ppl']:>12.1f}{cost['teacher_mj_per_token'] * 1e6:>15.1f} nJ")
+    print(f"  {f'BiSpikCLM student (T={config.time_steps})':<28}{results['student_ppl']:>12.1f}"
+          f"{cost['student_mj_per_token'] * 1e6:>15.1f} nJ")
+    print(f"  student / teacher: perplexity x{results['ratio']:.2f}, energy {100 * cost['ratio']:.1f}% "
+          f"(blocks without the head: {100 * cost['blocks_ratio']:.1f}%; the float head is "
+          f"{cost['head_percent_of_student']:.0f}% of the student's energy)")
+    rates = results["student_firing_rates"]
     print("student firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    print(f"MatMul-free audit of the blocks: {'clean' if results['audit_blocks_clean'] else 'NOT CLEAN'}")
     print(f"time: data {timings['data_s']:.0f} s, teacher {timings['teacher_train_s']:.0f} s "
           f"({trained['tokens_per_s']:.0f} tok/s), student {timings['student_train_s']:.0f} s "
-          f"({distilled['tokens_per_s']:.0f} tok/s), eval {timings['eval_s']:.0f} s; run folder {out}")
-    return 0
+          f"({distilled['tokens_per_s']:.0f} tok/s), eval {timings['eval_s']:.0f} s, report {timings['report_s']:.0f} s")
+    print(f"report: {report_html}  (results: {out / 'results.json'})")
+    return 0 if results["audit_blocks_clean"] else 1
+
+
+def head_share(energy: dict) -> float:
+    """Percentage of the student's energy per token spent in its head (LayerNorm, time average, vocabulary
+    product)."""
+    head = energy["student"]["parts"].get("head", {})
+    return head.get("percent_of_total", 0.0)
+
+
+def blocks_ratio(energy: dict) -> float:
+    """Student energy over the ANN's with both heads left out (embedding, blocks, neurons, residuals)."""
+    def without_head(summary: dict) -> float:
+        return summary["energy_mj_per_token"] - summary["parts"].get("head", {}).get("mj_per_token", 0.0)
+
+    return without_head(energy["student"]) / without_head(energy["ann"])

@@ -9,7 +9,8 @@ from ..report import build_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="folder holding student/ and optionally teacher/ (save_pretrained folders)")
+    parser.add_argument("run_dir", help="folder holding student/ and optionally teacher/ (save_pretrained folders, or training run "
+                                             "folders with the model in model/, as the quickstart writes)")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
     parser.add_argument("--text", default=None, help="text file (default: WikiText-2 test from $BISPIKCLM_DATA, "
                                                      "default ../shared/data)")

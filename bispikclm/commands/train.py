@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     student = BiSpikCLMForCausalLM(student_config)
     trainer = Trainer(student, config, train_seqs, val_seqs, args.out, teacher=teacher,
-                      fingerprint={"teacher": str(recipe["teacher"])}, progress=not args.no_progress)
+                      fingerprint={"teacher": str(recipe["teacher"])}, progress=not args.no_progress,
+                      tokenizer=tokenizer)
     final = trainer.fit(resume=args.resume)
     if trainer.accelerator.is_main_process:
         (Path(args.out) / "final.json").write_text(json.dumps(final, indent=1))

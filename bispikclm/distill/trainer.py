@@ -100,11 +100,13 @@ def layer_rates(firing_rates: dict[str, float]) -> dict[str, float]:
 class Trainer:
     """Trains ``model`` on packed sequences ``train_data`` ``[num_seqs, seq_len]`` with SpAD against
     ``teacher`` (or cross-entropy only when the loss needs no teacher), writing to ``out_dir``:
-    ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/step-<n>/`` and the final model in ``model/``."""
+    ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/step-<n>/`` and the final model in ``model/`` (with
+    ``tokenizer`` saved beside it when given, so that the folder loads on its own)."""
 
     def __init__(self, model, config: TrainConfig, train_data: torch.Tensor, val_data: torch.Tensor | None,
-                 out_dir: str | Path, teacher=None, fingerprint: dict | None = None, progress: bool = True) -> None:
+                 out_dir: str | Path, teacher=None, fingerprint: dict | None = None, progress: bool = True, tokenizer=None) -> None:
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
+        self.tokenizer = tokenizer
         mixed = config.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
@@ -338,6 +340,8 @@ class Trainer:
             self.save_checkpoint()
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(str(self.out_dir / "model"))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(self.out_dir / "model"))
             self.writer.close()
         acc.wait_for_everyone()
         return {**metrics, **last_eval, "skipped_steps": self.skipped, "processes": acc.num_processes}
