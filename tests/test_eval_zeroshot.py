@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from _eval_models import build_models
 from bispikclm.evaluation.lm_eval_adapter import TASKS_DIR
 from bispikclm.evaluation.models import load_model
-from bispikclm.evaluation.zeroshot import encode_pair, evaluate_tasks
+from bispikclm.evaluation.zeroshot import encode_pair, evaluate_tasks, loglikelihoods
 
 TASKS = ["arc_easy", "piqa", "winogrande", "lambada_openai"]
 LIMIT = 40
@@ -62,3 +63,20 @@ def test_lm_eval_command_line_runs_offline(folders, data_dir, tmp_path):
     results = json.loads(next(tmp_path.rglob("results_*.json")).read_text())
     assert results["results"]["bispikclm_copa"]["acc,none"] >= 0
     assert results["config"]["model_args"]["time_steps"] == 1
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["opt-teacher", "student"])
+def test_continuation_longer_than_the_positions_is_scored_on_its_last_tokens(folders, data_dir, which):
+    """A continuation that does not fit the model's positions: its tokens that have a prediction inside the last
+    window are scored, the same as scoring that window directly."""
+    model, tokenizer = load_model(str(folders[which]))
+    model.config.max_position_embeddings = limit = 24          # positions beyond 24 are never used below
+    words = (data_dir / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split()[:60]
+    context, continuation = " ".join(words[:10]), " " + " ".join(words[10:])
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+    assert len(continuation_ids) > limit + 1
+    (ll, _), = loglikelihoods(model, tokenizer, [(context, continuation)], progress=False)
+    window = torch.tensor([(context_ids + continuation_ids)[-(limit + 1):]])
+    with torch.no_grad():
+        logprobs = model(window[:, :-1]).logits.float().log_softmax(-1)
+    assert ll == pytest.approx(float(logprobs.gather(-1, window[:, 1:, None]).sum()), rel=1e-5)

@@ -44,14 +44,16 @@ def loglikelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     """``(log p(continuation | context), greedy)`` for each ``(context, continuation)`` request.
 
     ``greedy`` is True when every continuation token is the argmax. Inputs longer than the model's positions keep
-    their last tokens. Requests run longest first in right-padded batches (causal masking keeps padding out)."""
+    their last tokens; a continuation longer than the model's positions is scored on its last tokens that have a
+    prediction in the window (all but the window's first). Requests run longest first in right-padded batches
+    (causal masking keeps padding out)."""
     limit = max_positions(model) or 2048
     device = next(model.parameters()).device
     encoded = []
     for context, continuation in requests:
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         sequence = (context_ids + continuation_ids)[-(limit + 1):]
-        encoded.append((sequence[:-1], sequence[-len(continuation_ids):]))
+        encoded.append((sequence[:-1], sequence[-min(len(continuation_ids), len(sequence) - 1):]))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
