@@ -14,15 +14,17 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bispikclm.commands.quickstart import firing_rate, perplexity, unigram_perplexity, wikitext_ids
+from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
 from bispikclm.configuration import BiSpikCLMConfig
 from bispikclm.data import pack
 from bispikclm.distill import DEFAULT_WEIGHTS, TERMS, TrainConfig, Trainer, load_teacher
+from bispikclm.evaluation.perplexity import perplexity
 from bispikclm.modeling import BiSpikCLMForCausalLM
 from bispikclm.recipes import load_recipe, merge, parse_overrides
 
@@ -69,7 +71,9 @@ def main() -> None:
                 out / "teacher", progress=False).fit()
         args.teacher = str(out / "teacher" / "model")
     teacher = load_teacher(args.teacher)
-    results = {"teacher": args.teacher, "teacher_ppl": perplexity(teacher, test, context),
+    teacher_ppl = perplexity(teacher.eval(), test, context, batch_size=16, progress=False).perplexity
+    results = {"command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
+               "teacher": args.teacher, "teacher_ppl": teacher_ppl,
                "unigram_ppl": unigram_perplexity(ids["train"], test, len(tokenizer), context),
                "test_tokens": int(pack(test, context)[:, 1:].numel()), "student_tokens": recipe["train"]["tokens"],
                "recipe": recipe, "variants": {}}
@@ -82,9 +86,10 @@ def main() -> None:
         wall, cpu = time.perf_counter(), cpu_seconds()
         final = Trainer(student, cfg, train_seqs, val_seqs, out / name, teacher=teacher, progress=False).fit()
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
-        row = {"weights": weights, "test_ppl": perplexity(student, test, context), "train_wall_s": wall,
+        scored = perplexity(student.eval(), test, context, batch_size=16, progress=False)
+        row = {"weights": weights, "test_ppl": scored.perplexity, "train_wall_s": wall,
                "train_cpu_s": cpu, "tokens_per_s": final["tokens_per_s"], "final_loss_hard": final.get("loss_hard"),
-               "firing_rate": firing_rate(student, test, context)["mean"]}
+               "firing_rate": scored.firing_rate}
         results["variants"][name] = row
         print(name, json.dumps(row), flush=True)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

@@ -54,12 +54,29 @@ def sweep_markdown(records: list[dict]) -> str:
 
 
 def sweep_plot(records: list[dict], path: str | Path) -> None:
-    """Perplexity against context length, one line per threshold, one panel per T; firing rates in the legend."""
+    """Perplexity against context length, one line per threshold, one panel per T; firing rates in the legend.
+    With a single context length: perplexity and firing rate against the threshold, one line per T."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len({r["context_length"] for r in records}) == 1:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for steps in sorted({r["time_steps"] for r in records}):
+            rows = sorted((r for r in records if r["time_steps"] == steps), key=lambda r: r["threshold"])
+            thresholds = [r["threshold"] for r in rows]
+            left.plot(thresholds, [r["perplexity"] for r in rows], marker="o", label=f"T = {steps}")
+            right.plot(thresholds, [r["firing_rate"] for r in rows], marker="o", label=f"T = {steps}")
+        left.set_ylabel(f"WikiText-2 perplexity (context {records[0]['context_length']})")
+        right.set_ylabel("firing rate (all neurons)")
+        for ax in (left, right):
+            ax.set_xlabel("threshold")
+            ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     steps_list = sorted({r["time_steps"] for r in records})
     fig, axes = plt.subplots(1, len(steps_list), figsize=(5 * len(steps_list), 4), squeeze=False)
     for ax, steps in zip(axes[0], steps_list):
