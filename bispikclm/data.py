@@ -1,13 +1,17 @@
 """Corpora and tokenization: text from local files or the Hugging Face hub, a byte-level BPE tokenizer trained
-with ``tokenizers``, and token streams packed into fixed-length training sequences.
+with ``tokenizers``, and token streams packed into fixed-length training sequences, in memory (:func:`pack`) or
+on disk for corpora larger than memory (:func:`tokenize_to_file`, :class:`TokenFile`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import islice
+import json
+import os
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -16,13 +20,13 @@ from .errors import UserError
 SPECIAL_TOKENS = ("<|endoftext|>",)
 
 
-def load_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",
-               max_documents: int | None = None) -> list[str]:
-    """Lines or documents of a corpus, as strings.
+def iter_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",
+               max_documents: int | None = None) -> Iterator[str]:
+    """Lines or documents of a corpus, one at a time (nothing is held in memory).
 
     ``source`` is a local text file, a folder holding ``<split>.txt`` (e.g. WikiText-2), or a Hugging Face hub
     dataset name (e.g. ``HuggingFaceFW/fineweb-edu`` with ``name="sample-10BT"``), which is streamed so that only
-    ``max_documents`` documents are downloaded."""
+    the documents read are downloaded. Unreadable sources raise :class:`UserError` when iteration starts."""
     import datasets
 
     path = Path(source)
@@ -31,15 +35,27 @@ def load_texts(source: str, split: str = "train", *, name: str | None = None, te
     if path.suffix == ".txt" or path.exists():
         try:
             with path.open(encoding="utf-8") as f:
-                texts = list(islice(f, max_documents))
+                yield from islice(f, max_documents)
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"cannot read text file {path}: {err}") from None
-    else:
-        try:
-            stream = datasets.load_dataset(source, name, split=split, streaming=True)
-            texts = [row[text_field] for row in islice(stream, max_documents)]
-        except Exception as err:  # hub, network and schema errors all mean: this source cannot be used
-            raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(err).splitlines()[0]}") from None
+        return
+    try:
+        stream = iter(datasets.load_dataset(source, name, split=split, streaming=True))
+        first = next(stream, None)
+    except Exception as err:  # hub, network and schema errors all mean: this source cannot be used
+        raise UserError(f"cannot load dataset {source!r} (split {split!r}): {str(err).splitlines()[0]}") from None
+    if first is None:
+        return
+    for row in islice(chain([first], stream), max_documents):
+        if text_field not in row:
+            raise UserError(f"dataset {source!r} has no field {text_field!r} (fields: {sorted(row)})")
+        yield row[text_field]
+
+
+def load_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",
+               max_documents: int | None = None) -> list[str]:
+    """All lines or documents of a corpus (see :func:`iter_texts`) as a list; an empty corpus is an error."""
+    texts = list(iter_texts(source, split, name=name, text_field=text_field, max_documents=max_documents))
     if not any(t.strip() for t in texts):
         raise UserError(f"dataset {source!r} (split {split!r}) holds no text")
     return texts
@@ -83,6 +99,91 @@ def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     if n == 0:
         raise UserError(f"the data has {ids.numel()} tokens, fewer than one sequence of {seq_len}")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def tokenize_to_file(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, path: str | Path,
+                     max_tokens: int | None = None, batch_size: int = 1000, meta: dict | None = None,
+                     label: str | None = None) -> Path:
+    """Tokenize ``texts`` as :func:`encode` does (same ids, concatenated) straight into the binary file ``path``
+    (``uint16`` when the vocabulary fits, else ``uint32``), reading documents only until ``max_tokens`` are
+    written. Memory stays at one batch of documents, so the corpus may be far larger than memory.
+
+    The file is written under a temporary name and renamed when complete, with ``path.json`` beside it
+    (dtype, token count and ``meta``); a file whose ``path.json`` already records the same ``meta`` is reused.
+    Texts that are all blank raise :class:`UserError` naming ``label`` (the source they came from)."""
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".json")
+    if path.is_file() and sidecar.is_file():
+        info = json.loads(sidecar.read_text())
+        if info.get("meta") == (meta or {}) and info.get("bytes") == path.stat().st_size:
+            return path
+    dtype = np.uint16 if len(tokenizer) <= 2 ** 16 else np.uint32
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")   # one per process: several may write the same file
+    written, batch = 0, []
+    with tmp.open("wb") as out:
+        def flush() -> bool:
+            nonlocal written
+            for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                row = row[: max_tokens - written] if max_tokens is not None else row
+                out.write(np.asarray(row, dtype=dtype).tobytes())
+                written += len(row)
+                if max_tokens is not None and written >= max_tokens:
+                    return True
+            batch.clear()
+            return False
+
+        done, any_text = False, False
+        for text in texts:
+            any_text = any_text or bool(text.strip())
+            batch.append(text)
+            if len(batch) == batch_size and (done := flush()):
+                break
+        if batch and not done:
+            flush()
+    if written == 0 or not any_text:
+        tmp.unlink()
+        raise UserError(f"{label or 'the data'} holds no text")
+    info = {"dtype": np.dtype(dtype).name, "tokens": written, "bytes": written * np.dtype(dtype).itemsize,
+            "meta": meta or {}}
+    os.replace(tmp, path)
+    tmp_sidecar = sidecar.with_name(f"{sidecar.name}.tmp.{os.getpid()}")
+    tmp_sidecar.write_text(json.dumps(info, indent=1))
+    os.replace(tmp_sidecar, sidecar)
+    return path
+
+
+class TokenFile:
+    """Packed sequences ``[len(self), seq_len]`` read from a file written by :func:`tokenize_to_file`.
+
+    The file is memory-mapped: indexing (a list or tensor of sequence indices, an int or a slice) reads only the
+    sequences asked for and returns them as a ``long`` tensor, so :class:`~bispikclm.distill.Trainer` can train
+    on it exactly as on the tensor :func:`pack` returns."""
+
+    def __init__(self, path: str | Path, seq_len: int) -> None:
+        self.path = Path(path)
+        sidecar = self.path.with_name(self.path.name + ".json")
+        try:
+            info = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{self.path} is not a token file (no readable {sidecar.name}: {err})") from None
+        tokens = np.memmap(self.path, dtype=info["dtype"], mode="r")
+        n = tokens.size // seq_len
+        if n == 0:
+            raise UserError(f"the data has {tokens.size} tokens, fewer than one sequence of {seq_len}")
+        self.tokens, self.seq_len = tokens[: n * seq_len].reshape(n, seq_len), seq_len
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.tolist()
+        return torch.from_numpy(self.tokens[index].astype(np.int64))
 
 
 def unigram_log_probs(train_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from bispikclm.data import encode, load_texts, pack, train_tokenizer, unigram_log_probs
+from bispikclm.data import (TokenFile, encode, iter_texts, load_texts, pack, tokenize_to_file, train_tokenizer,
+                            unigram_log_probs)
 from bispikclm.errors import UserError
 from distill_setup import make_tokenizer
 
@@ -55,3 +57,40 @@ def test_unigram_log_probs_are_add_one_smoothed():
     logp = unigram_log_probs(torch.tensor([0, 0, 1]), 4)
     assert torch.allclose(logp.exp(), torch.tensor([3, 2, 1, 1], dtype=torch.double) / 7)
     assert math.isclose(float(logp.exp().sum()), 1.0)
+
+
+def test_token_file_holds_the_same_stream_as_encode_and_pack(data_dir, tmp_path):
+    """Tokenizing to disk gives the ids `encode` gives; the memory-mapped sequences equal `pack`'s, at 2 bytes per
+    token; a second call with the same metadata reuses the file, other metadata rewrites it."""
+    tokenizer = make_tokenizer(data_dir, tmp_path / "tok")
+    lines = load_texts(str(data_dir / "wikitext-2"), "valid", max_documents=300)
+    ids = encode(lines, tokenizer)
+    path = tokenize_to_file(iter_texts(str(data_dir / "wikitext-2"), "valid", max_documents=300), tokenizer,
+                            tmp_path / "valid.bin", batch_size=64, meta={"split": "valid"})
+    assert path.stat().st_size == 2 * ids.numel()
+    seqs, packed = TokenFile(path, 32), pack(ids, 32)
+    assert seqs.shape == packed.shape and len(seqs) == len(packed)
+    index = torch.tensor([5, 0, len(packed) - 1, 5])
+    assert seqs[index].dtype == torch.long and torch.equal(seqs[index], packed[index])
+    assert torch.equal(seqs[:3], packed[:3]) and torch.equal(seqs[[1]], packed[[1]])
+    stamp = path.stat().st_mtime_ns
+    tokenize_to_file(["never read"], tokenizer, path, meta={"split": "valid"})
+    assert path.stat().st_mtime_ns == stamp
+    tokenize_to_file(["other text"], tokenizer, path, meta={"split": "other"})
+    assert TokenFile(path, 1).shape == (len(tokenizer("other text")["input_ids"]), 1)
+    assert not list(tmp_path.glob("*.tmp.*"))
+
+
+def test_token_file_streams_only_the_documents_it_needs(data_dir, tmp_path):
+    """`max_tokens` stops reading an endless corpus: the corpus is never held in memory."""
+    tokenizer = make_tokenizer(data_dir, tmp_path / "tok")
+    endless = (f" line {i} of a corpus larger than memory ." for i in itertools.count())
+    path = tokenize_to_file(endless, tokenizer, tmp_path / "big.bin", max_tokens=10_000, batch_size=100)
+    assert TokenFile(path, 100).shape == (100, 100)
+    assert tokenizer.decode(TokenFile(path, 100)[0].tolist()).startswith(" line 0 of a corpus")
+    for blank in ([], ["\n", "  \n"]):
+        with pytest.raises(UserError, match="'blank.txt' holds no text"):
+            tokenize_to_file(iter(blank), tokenizer, tmp_path / "empty.bin", label="'blank.txt'")
+    assert not list(tmp_path.glob("empty.bin*"))
+    with pytest.raises(UserError, match="not a token file"):
+        TokenFile(tmp_path / "missing.bin", 8)
