@@ -17,8 +17,8 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# Every benchmark with the arguments that made the committed results/*.json (about an hour on 2 cores).
-# The energy benchmark also counts the quickstart student when runs/quickstart exists (make quickstart first).
+# Every benchmark with the arguments that made the committed results/*.json (about an hour and a half on 2 cores).
+# The energy and spike-cost benchmarks use runs/quickstart when it exists (make quickstart first).
 bench: setup
 	$(PY) benchmarks/train_step.py
 	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine.py
@@ -26,3 +26,4 @@ bench: setup
 	$(PY) benchmarks/distill.py --steps 2
 	$(PY) benchmarks/ablation.py --data $(DATA) --tokens 204800 --eval-windows 100
 	$(PY) benchmarks/eval.py
+	$(if $(wildcard runs/quickstart/teacher),$(PY) benchmarks/spike_cost.py --data $(DATA) --teacher runs/quickstart/teacher)

@@ -128,3 +128,23 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(set
     state = load_file(str(tmp_path / "run" / "checkpoints" / latest / "model.safetensors"))
     assert all(v.isfinite().all() for v in state.values())
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
+
+
+def test_spike_cost_term_trains_towards_fewer_costly_spikes(setup, tmp_path, capsys):
+    """`train.spike_cost` adds the linear-layer cost estimate to the loss: the same run with it ends with a lower
+    logged cost (`loss_cost`, logged for every spiking student) than without; a negative weight is a user error."""
+    root, teacher, data_dir = setup
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir, tokens=4 * 32 * 20)
+    last = {}
+    for weight in (0.0, 20.0):
+        out = tmp_path / f"cost-{weight}"
+        assert main(["train", str(recipe), "--out", str(out), "--no-progress", "--set",
+                     f"train.spike_cost={weight}"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        costs = [r["loss_cost"] for r in rows if "loss_cost" in r]
+        assert len(costs) == 20 and all(0 < c < 1 for c in costs)
+        last[weight] = sum(costs[-5:]) / 5
+    assert last[20.0] < 0.7 * last[0.0], last
+    assert main(["train", str(recipe), "--out", str(tmp_path / "neg"), "--no-progress", "--set",
+                 "train.spike_cost=-1"]) == 2
+    assert "spike_cost must be >= 0" in error_line(capsys)

@@ -15,6 +15,7 @@ from _energy_models import build_models
 from bispikclm.cli import main
 from bispikclm.energy import (EnergyTable, count_operations, energy_report, load_checkpoint, load_energy_table,
                               text_token_ids)
+from bispikclm.distill.losses import SpikeCostLoss
 from bispikclm.errors import UserError
 from bispikclm.neurons import LIFNeuron
 
@@ -125,6 +126,31 @@ def test_ac_count_equals_spikes_times_fan_out(folders, input_ids, student):
         tokens_d = input_ids.numel() * model.config.hidden_size
         assert count.total("mac", "head") == tokens_d * model.config.vocab_size
         assert count.total("elementwise_mul", "head") == 5 * tokens_d
+
+
+@pytest.mark.parametrize("student", ["student", "spiking_student"])
+def test_spike_cost_loss_is_the_counted_linear_layer_ratio_and_has_a_gradient(folders, input_ids, student):
+    """The training term `spike_cost` equals E_AC·(counted accumulates of the linear layers) / E_MAC·(the ANN's
+    MACs of the same layers, head included), and its gradient reaches the weights that drive the neurons."""
+    model = load_checkpoint(folders[student])[0]
+    ann = load_checkpoint(folders["teacher"])[0]
+    linear = lambda e: "·" not in e.name and e.part in ("attention", "ffn", "head")  # noqa: E731
+    counted = sum(e.count for e in count_operations(model, input_ids).entries if e.kind == "ac" and linear(e))
+    ann_macs = sum(e.count for e in count_operations(ann, input_ids).entries if e.kind == "mac" and linear(e))
+    table = EnergyTable()
+    cost = SpikeCostLoss(model, table.ac_pj / table.mac_pj)
+    model.train()
+    with cost.recording():
+        model(input_ids, use_cache=False)
+        value = cost.value(input_ids.numel())
+    assert value.item() == pytest.approx(counted * table.ac_pj / (ann_macs * table.mac_pj), rel=1e-5)
+    value.backward()
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.grad is not None and q_proj.grad.abs().sum() > 0
+    with torch.no_grad():   # not recording: the hooks add nothing
+        model(input_ids, use_cache=False)
+    assert cost._sums is None
+    cost.remove()
 
 
 def test_formula_agrees_within_documented_head_and_neuron_terms(folders, input_ids):

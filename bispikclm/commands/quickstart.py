@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {f'BiSpikCLM student (T={config.time_steps})':<28}{results['student_ppl']:>12.1f}"
           f"{cost['student_mj_per_token'] * 1e6:>15.1f} nJ")
     print(f"  student / teacher: perplexity x{results['ratio']:.2f}, energy {100 * cost['ratio']:.1f}% "
-          f"(blocks without the head: {100 * cost['blocks_ratio']:.1f}%; the float head is "
+          f"(blocks without the head: {100 * cost['blocks_ratio']:.1f}%; the "
+          f"{'spiking' if config.spiking_head else 'float'} head is "
           f"{cost['head_percent_of_student']:.0f}% of the student's energy)")
     rates = results["student_firing_rates"]
     print("student firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))

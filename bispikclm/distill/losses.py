@@ -17,6 +17,8 @@ Each term is a small module. Chosen details where the method is silent:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -233,3 +235,51 @@ class SpADLoss(nn.Module):
                 [teacher_out.hidden_states[0]] + [teacher_out.hidden_states[j] for j in self.map[:-1]])
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return loss, {name: value.detach() for name, value in terms.items()}
+
+
+class SpikeCostLoss:
+    """Differentiable estimate of what the student's linear layers cost per token, as a fraction of what the
+    same-shape ANN's linear layers (head included) cost::
+
+        L_cost = (E_AC / E_MAC) · Σ_linear Σ_t Σ_inputs x · fan_out  /  (tokens · Σ_linear in · out)
+
+    ``x`` are the spikes (or integer spike counts, P·V into ``out_proj``) entering every :class:`SpikeLinear`,
+    and the head when ``spiking_head`` is set: the accumulate count the energy report counts for those layers.
+    Its gradient flows through the neurons' surrogate gradients, so weighting it in the loss
+    (``TrainConfig.spike_cost``) trains the student towards fewer spikes where spikes are expensive. A float
+    head costs what the ANN's does and does not depend on the spikes; it stays in the denominator only.
+
+    Forward hooks on the linear layers collect the sums while :meth:`recording` is active."""
+
+    def __init__(self, model, ac_over_mac: float = 0.9 / 4.6) -> None:
+        from ..spike_ops import SpikeLinear
+
+        self.ac_over_mac, self._sums = ac_over_mac, None
+        layers = [m for m in model.modules() if isinstance(m, SpikeLinear)]
+        if model.config.spiking_head:
+            layers.append(model.lm_head)
+        self.ann_macs = sum(m.in_features * m.out_features for m in layers) + (
+            0 if model.config.spiking_head else model.lm_head.in_features * model.lm_head.out_features)
+        self.handles = [m.register_forward_hook(self._hook) for m in layers]
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._sums is not None:
+            self._sums.append(inputs[0].sum(dtype=torch.float32) * module.out_features)
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._sums = []
+        try:
+            yield
+        finally:
+            self._sums = None
+
+    def value(self, tokens: int) -> torch.Tensor:
+        """The estimate for the forward passes recorded so far in :meth:`recording`, over ``tokens`` tokens."""
+        if not self._sums:
+            raise RuntimeError("no spiking linear layer ran while recording")
+        return self.ac_over_mac * torch.stack(self._sums).sum() / (tokens * self.ann_macs)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

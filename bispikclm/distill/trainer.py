@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..errors import UserError
-from .losses import SpADLoss
+from .losses import SpADLoss, SpikeCostLoss
 from .teacher import teacher_forward
 
 
@@ -58,6 +58,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 5                  # stop after this many NaN/Inf steps in a row
     firing_rates: bool = True               # log per-layer firing rates (spiking students)
+    spike_cost: float = 0.0                 # weight of losses.SpikeCostLoss (fewer spikes where they cost most)
 
     # settings that may change between a run and its resumption
     OPERATIONAL = ("log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_bad_steps",
@@ -131,6 +132,9 @@ class Trainer:
                              config.tau, config.vocab_chunk_size)
         self.teacher = teacher.to(acc.device) if teacher is not None and self.spad.needs_teacher else None
         self.spiking = hasattr(model, "neurons")
+        if config.spike_cost < 0 or (config.spike_cost > 0 and not self.spiking):
+            raise UserError(f"spike_cost must be >= 0 and needs a spiking student (got {config.spike_cost})")
+        self.cost = SpikeCostLoss(model) if self.spiking else None
         torch.manual_seed(config.seed)
         params = [p for p in list(model.parameters()) + list(self.spad.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -140,6 +144,8 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
+        if not config.spike_cost:   # checkpoints written before the setting existed still resume
+            del run["spike_cost"]
         self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
         self.step, self.bad_steps, self.skipped = 0, 0, 0
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -168,9 +174,16 @@ class Trainer:
             extra["output_firing_rates"] = record_rates
         else:
             extra.pop("output_spike_rates")
-        out = self.model(input_ids, use_cache=False, **extra)
+        with self.cost.recording() if self.cost else contextlib.nullcontext():
+            out = self.model(input_ids, use_cache=False, **extra)
+            cost = self.cost.value(input_ids.numel()) if self.cost else None
         teacher_out = teacher_forward(self.teacher, input_ids) if self.teacher is not None else None
-        return out, self.spad(out, teacher_out, input_ids)
+        loss, terms = self.spad(out, teacher_out, input_ids)
+        if cost is not None:
+            terms["cost"] = cost.detach()
+            if self.config.spike_cost:
+                loss = loss + self.config.spike_cost * cost
+        return out, (loss, terms)
 
     def train_step(self) -> dict:
         """One optimizer step (all micro-steps); returns its metrics. NaN/Inf steps are skipped and counted."""
