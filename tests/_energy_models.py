@@ -3,23 +3,20 @@ initialised tiny OPT and same-shape BiSpikCLM students, each saved with ``save_p
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.data import train_tokenizer
 
 
 def build_tokenizer(data_dir: Path, vocab_size: int = 512, lines: int = 3000) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the first ``lines`` lines of WikiText-2 train."""
     with open(data_dir / "wikitext-2" / "train.txt", encoding="utf-8") as handle:
-        text = [next(handle) for _ in range(lines)]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text, vocab_size=vocab_size, special_tokens=["</s>", "<pad>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>",
-                                   pad_token="<pad>")
+        return train_tokenizer(list(islice(handle, lines)), vocab_size)
 
 
 def build_models(data_dir: Path, out: Path) -> dict[str, Path]:

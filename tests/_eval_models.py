@@ -3,13 +3,14 @@ tiny OPT teacher and a same-shape BiSpikCLM student, each saved with ``save_pret
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.data import train_tokenizer
 
 # These models are tiny; one thread avoids oversubscribing small shared CI machines.
 torch.set_num_threads(1)
@@ -18,11 +19,7 @@ torch.set_num_threads(1)
 def build_tokenizer(data_dir: Path, vocab_size: int = 1024, lines: int = 5000) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the first ``lines`` lines of WikiText-2 train."""
     with open(data_dir / "wikitext-2" / "train.txt", encoding="utf-8") as handle:
-        text = [next(handle) for _ in range(lines)]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text, vocab_size=vocab_size, special_tokens=["</s>", "<pad>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>",
-                                   pad_token="<pad>")
+        return train_tokenizer(list(islice(handle, lines)), vocab_size)
 
 
 def build_models(data_dir: Path, out: Path, max_positions: int = 1024) -> tuple[Path, Path]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.cli import main
+from bispikclm.data import train_tokenizer
 from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, reference, spike_agreement
 from bispikclm.errors import UserError
 
@@ -22,12 +22,7 @@ SMALL = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attentio
 def tokenizer(data_dir, tmp_path_factory) -> PreTrainedTokenizerFast:
     """A 2,048-token byte-level BPE trained on the first 20,000 lines of WikiText-2 train."""
     lines = (data_dir / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines()[:20000]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=SMALL["vocab_size"], special_tokens=["</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    tok = train_tokenizer(lines, SMALL["vocab_size"])
     tok.save_pretrained(tmp_path_factory.mktemp("tokenizer"))
     return tok
 

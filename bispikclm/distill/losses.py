@@ -251,9 +251,12 @@ class SpikeCostLoss:
 
     Forward hooks on the linear layers collect the sums while :meth:`recording` is active."""
 
-    def __init__(self, model, ac_over_mac: float = 0.9 / 4.6) -> None:
+    def __init__(self, model, ac_over_mac: float | None = None) -> None:
+        from ..energy import EnergyTable
         from ..spike_ops import SpikeLinear
 
+        if ac_over_mac is None:   # the energy report's default table (45 nm)
+            ac_over_mac = EnergyTable().ac_pj / EnergyTable().mac_pj
         self.ac_over_mac, self._sums = ac_over_mac, None
         layers = [m for m in model.modules() if isinstance(m, SpikeLinear)]
         if model.config.spiking_head:
