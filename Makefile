@@ -1,7 +1,7 @@
 # The two commands of the README. Both create .venv and install everything on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DATA ?= ../shared/data
+DATA ?= $(or $(BISPIKCLM_DATA),../shared/data)
 
 .PHONY: setup quickstart test test-slow bench
 
@@ -12,10 +12,10 @@ quickstart: setup
 	$(VENV)/bin/bispikclm quickstart --data $(DATA)
 
 test: setup
-	$(PY) -m pytest -q
+	BISPIKCLM_DATA=$(DATA) $(PY) -m pytest -q
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	BISPIKCLM_DATA=$(DATA) $(PY) -m pytest -q -m slow
 
 # Every benchmark with the arguments that made the committed results/*.json (about an hour and a half on 2 cores).
 # The energy and spike-cost benchmarks use runs/quickstart when it exists (make quickstart first).
