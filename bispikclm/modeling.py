@@ -209,6 +209,8 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         ``labels`` ``[B, N]`` (shifted inside; -100 is ignored)."""
         if input_ids is None:
             raise ValueError("input_ids is required")
+        if past_key_values is None:   # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = kwargs.pop("cache", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not self.training:
             past_key_values = DynamicCache(config=self.config)
