@@ -1,4 +1,4 @@
-"""Softmax-Free Spiking Attention (SFSA), METHOD §3.
+"""Softmax-Free Spiking Attention (SFSA), METHOD §3, with grouped-query heads.
 
 Per head and time step, with binary input ``A``::
 
@@ -9,7 +9,12 @@ Per head and time step, with binary input ``A``::
     Y = SN(O Wo + bo)                                        # binary
 
 No softmax, exponential or division. The attention neuron of entry (i, j) integrates only over the T time
-steps of query token i, so a cache of the binary K and V spikes is all incremental decoding needs.
+steps of query token i, so a cache of the binary K and V spikes is all incremental decoding needs. With
+``num_key_value_heads < num_attention_heads`` (grouped-query attention, as in Llama-family teachers) each group of
+query heads reads the same head of K and V spikes, and the cache holds only the key/value heads.
+
+Q·Kᵀ and P·V are integer sums of spikes; they run in float32 whatever the autocast (float32 sums of integers
+are exact up to 2^24; bfloat16 ones only up to 256).
 """
 
 from __future__ import annotations
@@ -41,48 +46,65 @@ class SFSA(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.layer_idx = layer_idx
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.num_heads, self.head_dim = config.num_attention_heads, config.attention_head_dim
+        self.num_kv_heads = config.key_value_heads
         self.attn_scale = config.effective_attn_scale
         self.chunk_size = config.attn_chunk_size
-        self.q_proj, self.k_proj, self.v_proj = (SpikeLinear(d, d) for _ in range(3))
-        self.out_proj = SpikeLinear(d, d, binary=False)
-        self.q_neuron = LIFNeuron(**config.neuron_kwargs("q"))
-        self.k_neuron = LIFNeuron(**config.neuron_kwargs("k"))
-        self.v_neuron = LIFNeuron(**config.neuron_kwargs("v"))
+        self.q_proj = SpikeLinear(d, self.num_heads * self.head_dim)
+        self.k_proj = SpikeLinear(d, self.num_kv_heads * self.head_dim)
+        self.v_proj = SpikeLinear(d, self.num_kv_heads * self.head_dim)
+        self.out_proj = SpikeLinear(self.num_heads * self.head_dim, d, binary=False)
+        self.q_neuron = LIFNeuron(**config.neuron_kwargs("q", self.q_proj.out_features))
+        self.k_neuron = LIFNeuron(**config.neuron_kwargs("k", self.k_proj.out_features))
+        self.v_neuron = LIFNeuron(**config.neuron_kwargs("v", self.v_proj.out_features))
         self.attn_neuron = LIFNeuron(**config.neuron_kwargs("attn"))
-        self.out_neuron = LIFNeuron(**config.neuron_kwargs("attn_out"))
+        self.out_neuron = LIFNeuron(**config.neuron_kwargs("attn_out", d))
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
         t, b, n, _ = x.shape
-        return x.view(t, b, n, self.num_heads, self.head_dim).transpose(2, 3)  # [T, B, H, N, dh]
+        return x.view(t, b, n, heads, -1).transpose(2, 3)  # [T, B, H, N, dh]
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Key/value heads ``[T, B, Hkv, Nk, dh]`` -> one per query head ``[T, B, H, Nk, dh]`` (GQA groups)."""
+        group = self.num_heads // self.num_kv_heads
+        if group == 1:
+            return x
+        t, b, h, n, dh = x.shape
+        return x[:, :, :, None].expand(t, b, h, group, n, dh).reshape(t, b, h * group, n, dh)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-        """Binary attention map and integer output for queries ``q`` ``[T,B,H,N,dh]`` against ``k, v``."""
+        """Binary attention map and integer output for queries ``q`` ``[T,B,H,N,dh]`` against ``k, v``
+        ``[T,B,H,Nk,dh]``."""
         scores = spike_matmul(q, k.transpose(-1, -2))          # [T, B, H, N, Nk], integers
         scores = scores.masked_fill(~mask, 0)                  # AND with the binary mask
         attn = self.attn_neuron(scores, valid=mask, input_scale=self.attn_scale)
         return attn, spike_matmul(attn, v)                     # P, O = P V (integer counts)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, past_key_values=None,
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, cache=None,
                 output_attentions: bool = False):
-        """``x`` ``[T,B,N,D]`` binary; ``key_mask`` ``[B, Nk]`` (1 = real token) over past and new positions.
+        """``x`` ``[T,B,N,D]`` binary; ``key_mask`` ``[B, Nk]`` (1 = real token) over past and new positions;
+        ``cache``: a Hugging Face ``Cache`` holding binary K/V spikes ``[B, T, Hkv, Nk, dh]`` (bool).
 
         Returns ``(Y [T,B,N,D], mean_t P [B,H,N,Nk] or None)``."""
         t, b, n, d = x.shape
-        q = self._heads(self.q_neuron(self.q_proj(x)))
-        k = self._heads(self.k_neuron(self.k_proj(x)))
-        v = self._heads(self.v_neuron(self.v_proj(x)))
-        if past_key_values is not None:  # cache layout [B, T, H, N, dh], bool
-            k, v = past_key_values.update(k.transpose(0, 1).bool(), v.transpose(0, 1).bool(), self.layer_idx)
-            k, v = k.transpose(0, 1).to(x.dtype), v.transpose(0, 1).to(x.dtype)
+        q = self._heads(self.q_neuron(self.q_proj(x)), self.num_heads)
+        k = self._heads(self.k_neuron(self.k_proj(x)), self.num_kv_heads)
+        v = self._heads(self.v_neuron(self.v_proj(x)), self.num_kv_heads)
+        if cache is not None:
+            k, v = cache.update(k.transpose(0, 1).bool(), v.transpose(0, 1).bool(), self.layer_idx)
+            k, v = k.transpose(0, 1), v.transpose(0, 1)
+        exact = torch.promote_types(x.dtype, torch.float32)     # integer sums stay exact
+        q, k, v = q.to(exact), self._repeat_kv(k.to(exact)), self._repeat_kv(v.to(exact))
         mask = causal_mask(n, k.shape[-2], key_mask, x.device)
         chunk = self.chunk_size if (self.chunk_size and not torch.is_grad_enabled()) else n
         maps, outs = [], []
-        for start in range(0, n, chunk):
-            attn, out = self.attend(q[..., start:start + chunk, :], k, v, mask[..., start:start + chunk, :])
-            outs.append(out)
-            if output_attentions:
-                maps.append(attn.mean(0))
-        o = torch.cat(outs, dim=-2).transpose(2, 3).reshape(t, b, n, d)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                attn, out = self.attend(q[..., start:start + chunk, :], k, v, mask[..., start:start + chunk, :])
+                outs.append(out)
+                if output_attentions:
+                    maps.append(attn.mean(0))
+        o = torch.cat(outs, dim=-2).transpose(2, 3).reshape(t, b, n, self.num_heads * self.head_dim).to(x.dtype)
         y = self.out_neuron(self.out_proj(o))
         return y, (torch.cat(maps, dim=-2) if output_attentions else None)

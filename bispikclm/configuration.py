@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .neurons import SURROGATES
+from .neurons import LEARNABLE, SURROGATES
 
 # Neuron groups; each can override beta / threshold / surrogate / alpha / detach_reset via `neuron_overrides`.
-NEURON_GROUPS = ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in", "ffn_hidden", "ffn_out", "head")
-NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset")
+# `ffn_gate` exists only in gated FFNs (ffn_type="gated").
+NEURON_GROUPS = ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in", "ffn_gate", "ffn_hidden", "ffn_out", "head")
+NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset", "learn_threshold", "learn_beta")
+FFN_TYPES = ("mlp", "gated")
+FFN_GATES = ("select", "and")
+# Teacher families whose MLP is gated (SwiGLU/GeGLU: down(act(gate(x)) * up(x))): their students get a gated SFFN.
+GATED_FFN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                         "phi3", "granite", "smollm3", "cohere", "helium", "glm")
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
@@ -19,6 +25,9 @@ PRESETS: dict[str, dict] = {
                      max_position_embeddings=2048),
     "opt-1.3b": dict(vocab_size=50272, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                      max_position_embeddings=2048),
+    # SmolLM2-135M's shape (Llama family): grouped-query SFSA with 3 K/V heads, gated SFFN
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, ffn_dim=1536, ffn_type="gated", max_position_embeddings=2048),
 }
 
 
@@ -26,10 +35,22 @@ class BiSpikCLMConfig(PretrainedConfig):
     """Configuration of a BiSpikCLM student.
 
     Shape fields follow OPT (``vocab_size, hidden_size, num_hidden_layers, num_attention_heads, ffn_dim,
-    max_position_embeddings``). Spiking fields:
+    max_position_embeddings``), plus the Llama family's:
+
+    * ``num_key_value_heads``: grouped-query SFSA, each group of ``num_attention_heads / num_key_value_heads``
+      query heads shares one head of binary K and V spikes (``None``: as many as query heads).
+    * ``head_dim``: width of a head (``None``: ``hidden_size / num_attention_heads``).
+    * ``ffn_type``: ``"mlp"`` (OPT: ``SN(W2 · SN(W1 · B))``) or ``"gated"`` (the SwiGLU analogue, see
+      :class:`bispikclm.modeling.GatedSFFN`), with ``ffn_gate`` ``"select"`` (a gate spike passes the up current
+      into the hidden neuron) or ``"and"`` (hidden spike = gate spike AND up spike).
+
+    Spiking fields:
 
     * ``time_steps``: T, the number of time steps each token is run for (direct encoding).
     * ``threshold``, ``beta``, ``surrogate``, ``surrogate_alpha``, ``detach_reset``: LIF defaults for every group.
+    * ``learn_threshold`` (``"none"``, ``"group"``: one per neuron module, ``"channel"``: one per channel; the
+      attention map's neuron has no channels and learns one per module) and ``learn_beta`` (``"none"``,
+      ``"group"``): thresholds and leaks trained with the weights, starting from ``threshold`` and ``beta``.
     * ``attn_scale``, ``attn_threshold``: the attention neuron sees ``attn_scale * (Q K^T)`` and fires at
       ``attn_threshold``. ``attn_scale=None`` means ``1 / head_dim`` (METHOD §8: ``1/sqrt(d)`` saturates).
     * ``neuron_overrides``: ``{group: {field: value}}`` for groups in :data:`NEURON_GROUPS`.
@@ -39,7 +60,8 @@ class BiSpikCLMConfig(PretrainedConfig):
       (``None``: ``min(1, 2 / num_hidden_layers)``); spikes are non-negative, so unweighted sums drift upwards
       with depth and saturate the block-input neurons of deep models.
     * ``weight_gain``: linear weights start with std ``weight_gain / sqrt(fan_in * input_rate)`` so that
-      currents driven by spikes at rate ``input_rate`` have unit scale.
+      currents driven by spikes at rate ``input_rate`` have unit scale (``input_rate²`` for the down projection of
+      a gated SFFN, whose inputs need two neurons to fire).
     * ``spiking_head``: logits = mean_t head(SN(X_L[t])) instead of head(LayerNorm(mean_t X_L[t])).
     * ``neuron_backend``: ``"lean"`` or ``"reference"`` (see :mod:`bispikclm.neurons`).
     * ``attn_chunk_size``: process queries in chunks of this size at inference (bounds attention memory).
@@ -54,12 +76,18 @@ class BiSpikCLMConfig(PretrainedConfig):
     num_attention_heads: int = 12
     ffn_dim: int = 3072
     max_position_embeddings: int = 2048
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    ffn_type: str = "mlp"
+    ffn_gate: str = "select"
     time_steps: int = 2
     threshold: float = 1.0
     beta: float = 0.5
     surrogate: str = "arctan"
     surrogate_alpha: float | None = None
     detach_reset: bool = False
+    learn_threshold: str = "none"
+    learn_beta: str = "none"
     attn_scale: float | None = None
     attn_threshold: float = 0.05
     neuron_overrides: dict | None = None
@@ -91,14 +119,25 @@ class BiSpikCLMConfig(PretrainedConfig):
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
                       "max_position_embeddings"):
             need(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field, "must be an integer >= 1")
-        need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-             f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 f"must be divisible by num_attention_heads={self.num_attention_heads} (or set head_dim)")
+        else:
+            need(isinstance(self.head_dim, int) and self.head_dim >= 1, "head_dim", "must be an integer >= 1 or None")
+        if self.num_key_value_heads is not None:
+            need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads >= 1
+                 and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 f"must be an integer >= 1 dividing num_attention_heads={self.num_attention_heads}")
+        need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
+        need(self.ffn_gate in FFN_GATES, "ffn_gate", f"must be one of {FFN_GATES}")
         need(isinstance(self.time_steps, int) and self.time_steps >= 1, "time_steps", "must be an integer >= 1")
         need(0.0 < self.beta < 1.0, "beta", "must be in (0, 1)")
         need(self.threshold > 0, "threshold", "must be > 0")
         need(self.attn_threshold > 0, "attn_threshold", "must be > 0")
         need(self.attn_scale is None or self.attn_scale > 0, "attn_scale", "must be > 0 or None")
         need(self.surrogate in SURROGATES, "surrogate", f"must be one of {SURROGATES}")
+        need(self.learn_threshold in LEARNABLE, "learn_threshold", f"must be one of {LEARNABLE}")
+        need(self.learn_beta in LEARNABLE[:2], "learn_beta", f"must be one of {LEARNABLE[:2]}")
         need(self.neuron_backend in ("lean", "reference"), "neuron_backend", "must be 'lean' or 'reference'")
         need(self.residual_scale is None or self.residual_scale > 0, "residual_scale", "must be > 0 or None")
         need(self.input_gain is None or self.input_gain > 0, "input_gain", "must be > 0 or None")
@@ -110,12 +149,18 @@ class BiSpikCLMConfig(PretrainedConfig):
             need(not unknown, "neuron_overrides", f"has unknown fields {sorted(unknown)} (known: {NEURON_FIELDS})")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def key_value_heads(self) -> int:
+        """Number of heads of binary K and V spikes (grouped-query attention when fewer than query heads)."""
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     @property
     def effective_attn_scale(self) -> float:
-        return 1.0 / self.head_dim if self.attn_scale is None else self.attn_scale
+        return 1.0 / self.attention_head_dim if self.attn_scale is None else self.attn_scale
 
     @property
     def effective_residual_scale(self) -> float:
@@ -125,14 +170,18 @@ class BiSpikCLMConfig(PretrainedConfig):
     def effective_input_gain(self) -> float:
         return 1.0 / self.initializer_range if self.input_gain is None else self.input_gain
 
-    def neuron_kwargs(self, group: str) -> dict:
-        """LIF arguments of one neuron group: the global defaults, updated by ``neuron_overrides[group]``."""
+    def neuron_kwargs(self, group: str, channels: int | None = None) -> dict:
+        """LIF arguments of one neuron group: the global defaults, updated by ``neuron_overrides[group]``;
+        ``channels``: the width of the group's last axis (for per-channel learned thresholds)."""
         if group not in NEURON_GROUPS:
             raise ValueError(f"unknown neuron group {group!r} (known: {NEURON_GROUPS})")
         kwargs = dict(beta=self.beta, threshold=self.attn_threshold if group == "attn" else self.threshold,
-                      surrogate=self.surrogate, alpha=self.surrogate_alpha, detach_reset=self.detach_reset)
+                      surrogate=self.surrogate, alpha=self.surrogate_alpha, detach_reset=self.detach_reset,
+                      learn_threshold=self.learn_threshold, learn_beta=self.learn_beta)
         kwargs.update(self.neuron_overrides.get(group, {}))
-        kwargs["backend"] = self.neuron_backend
+        if kwargs["learn_threshold"] == "channel" and (group == "attn" or channels is None):
+            kwargs["learn_threshold"] = "group"       # the attention map has no channels
+        kwargs["backend"], kwargs["channels"] = self.neuron_backend, channels
         return kwargs
 
     @classmethod
@@ -144,19 +193,42 @@ class BiSpikCLMConfig(PretrainedConfig):
 
     @classmethod
     def from_teacher_config(cls, teacher, **overrides) -> "BiSpikCLMConfig":
-        """A same-shape student for an OPT, Llama, GPT-2 (or similar) teacher config."""
+        """A same-shape student for an OPT, Llama, GPT-2 (or similar) teacher config: the teacher's depth, widths,
+        heads and key/value heads, a gated SFFN for gated-MLP families (:data:`GATED_FFN_MODEL_TYPES`), and its
+        special tokens and weight tying.
+
+        Positions: a teacher with a learned position table (OPT, GPT-2) gives its size; a teacher with rotary
+        positions (Llama) has none to copy, and the student's learned table gets ``min(2048, teacher's
+        positions)`` rows unless ``max_position_embeddings`` is given: size it to the training context
+        (``bispikclm train`` does) and extend it later with
+        :meth:`~bispikclm.modeling.BiSpikCLMForCausalLM.resize_position_embeddings`."""
         get = lambda *names: next((getattr(teacher, n) for n in names if getattr(teacher, n, None) is not None), None)  # noqa: E731
         hidden = get("hidden_size", "n_embd", "d_model")
+        heads = get("num_attention_heads", "n_head")
+        positions = get("max_position_embeddings", "n_positions", "n_ctx")
+        if positions is not None and has_rotary_positions(teacher):
+            positions = min(2048, positions)
+        head_dim = get("head_dim")
         shape = dict(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
             num_hidden_layers=get("num_hidden_layers", "n_layer"),
-            num_attention_heads=get("num_attention_heads", "n_head"),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads"),
+            head_dim=None if head_dim is None or hidden is None or head_dim * heads == hidden else head_dim,
             ffn_dim=get("ffn_dim", "intermediate_size", "n_inner") or 4 * hidden,
-            max_position_embeddings=get("max_position_embeddings", "n_positions", "n_ctx"),
+            ffn_type="gated" if getattr(teacher, "model_type", None) in GATED_FFN_MODEL_TYPES else "mlp",
+            max_position_embeddings=positions,
+            tie_word_embeddings=bool(getattr(teacher, "tie_word_embeddings", True)),
             pad_token_id=get("pad_token_id"), bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
         )
-        missing = [k for k, v in shape.items() if v is None and not k.endswith("token_id")]
+        missing = [k for k, v in shape.items()
+                   if v is None and not k.endswith("token_id") and k not in ("num_key_value_heads", "head_dim")]
         if missing:
             raise ValueError(f"teacher config {type(teacher).__name__} lacks {missing}")
         return cls(**{**shape, **overrides})
+
+
+def has_rotary_positions(config) -> bool:
+    """Whether a Hugging Face config describes rotary position embeddings (no learned position table)."""
+    return any(getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta", "rope_scaling"))

@@ -32,9 +32,10 @@ import torch
 import yaml
 from torch import nn
 
+from .ann import same_shape_ann
 from .errors import UserError
-from .modeling import BiSpikCLMForCausalLM
-from .neurons import LIFNeuron
+from .modeling import NEURON_GROUP_OF, BiSpikCLMForCausalLM
+from .neurons import FiringRateRecorder, LIFNeuron
 from .tracing import blocks_prefix, place, sections, trace_ops
 
 #: Energy of each kind of operation, in units of the table's ``mac_pj`` and ``ac_pj``.
@@ -47,14 +48,10 @@ KIND_COST = {
     "elementwise_add": (0, 1),  # residual additions, embedding sum, time sum
     "elementwise_mul": (1, 0),  # input gain, 1/T of the time average, LayerNorm (4 per element)
     "and_popcount": (0, 0),     # bit operations of Q·Kᵀ, charged through its AC line
+    "gate": (0, 0),             # a binary gate routing a current or a spike (gated SFFN): a select or an AND
     "lookup": (0, 0),           # embedding rows read from memory
 }
 PARTS = ("embedding", "attention", "ffn", "neurons", "residual", "head")
-#: Neuron attribute path (inside a block or the model) -> neuron group (:data:`bispikclm.NEURON_GROUPS`).
-NEURON_GROUP_OF = {"attn_in_neuron": "block_in", "self_attn.q_neuron": "q", "self_attn.k_neuron": "k",
-                   "self_attn.v_neuron": "v", "self_attn.attn_neuron": "attn", "self_attn.out_neuron": "attn_out",
-                   "ffn_in_neuron": "ffn_in", "ffn.hidden_neuron": "ffn_hidden", "ffn.out_neuron": "ffn_out",
-                   "head_neuron": "head"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +233,9 @@ def _student_elementwise(model: nn.Module, tokens: int) -> list[CostEntry]:
                CostEntry("embedding", None, "x input_gain", "elementwise_mul", tokens * d)]
     entries += [CostEntry("residual", layer, "x + SFSA, x + SFFN", "elementwise_add", 2 * t * tokens * d)
                 for layer in range(cfg.num_hidden_layers)]
+    if cfg.ffn_type == "gated":
+        entries += [CostEntry("ffn", layer, f"ffn gate ({cfg.ffn_gate})", "gate", t * tokens * cfg.ffn_dim)
+                    for layer in range(cfg.num_hidden_layers)]
     if cfg.spiking_head:
         entries += [CostEntry("head", None, "mean_t logits", "elementwise_add", (t - 1) * tokens * v),
                     CostEntry("head", None, "mean_t logits", "elementwise_mul", tokens * v)]
@@ -259,29 +259,23 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
     if not is_student and attn_impl not in (None, "eager"):
         model.set_attn_implementation("eager")
     neurons = {p: m for p, m in model.named_modules() if isinstance(m, LIFNeuron)}
-    for neuron in neurons.values():
-        neuron.reset_stats()
-        neuron.record = True
     neuron_entries, handles = _neuron_entries(model, blocks)
     lookup_entries, more_handles = _lookup_entries(model)
     modules = dict(model.named_modules())
     try:
-        with trace_ops(model) as trace:
+        with trace_ops(model) as trace, FiringRateRecorder(neurons) as recorder:
             model(input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles + more_handles:
             handle.remove()
-        for neuron in neurons.values():
-            neuron.record = False
         if not is_student and attn_impl not in (None, "eager"):
             model.set_attn_implementation(attn_impl)
     tokens = input_ids.numel()
     entries = lookup_entries + _product_entries(trace, modules, blocks) + neuron_entries
     if is_student:
         entries += _student_elementwise(model, tokens)
-    rates = {p: m.spike_count / max(m.update_count, 1.0) for p, m in neurons.items()}
-    overall = (sum(m.spike_count for m in neurons.values()) / max(sum(m.update_count for m in neurons.values()), 1.0)
-               if neurons else None)
+    rates = recorder.rates()
+    overall = recorder.overall() if neurons else None
     return CostCount(model=name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
                      tokens=tokens, time_steps=getattr(model.config, "time_steps", None) if is_student else None,
                      entries=entries, firing_rates=rates, overall_firing_rate=overall)
@@ -298,17 +292,6 @@ def load_checkpoint(path: str | Path):
     except (OSError, ValueError) as err:
         raise UserError(f"no tokenizer saved beside the model in {path}: {str(err).splitlines()[0]}") from None
     return AutoModelForCausalLM.from_pretrained(str(path)).eval(), tokenizer
-
-
-def same_shape_ann(config) -> nn.Module:
-    """A randomly initialised ``OPTForCausalLM`` with the student's shape: the ANN reference when no teacher is
-    given (its operation count depends only on its shape)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    return OPTForCausalLM(OPTConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads, ffn_dim=config.ffn_dim, word_embed_proj_dim=config.hidden_size,
-        max_position_embeddings=config.max_position_embeddings)).eval()
 
 
 def firing_rates_by_layer(rates: dict[str, float], blocks: str = "model.layers") -> dict[str, dict[str, float]]:

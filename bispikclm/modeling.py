@@ -4,7 +4,8 @@
     A      = SN(X)                                        # binary
     X'     = X + SFSA(A)
     B      = SN(X')
-    X_next = X' + SFFN(B),    SFFN(B) = SN(W2 · SN(W1 · B + b1) + b2)
+    X_next = X' + SFFN(B),    SFFN(B) = SN(W2 · SN(W1 · B + b1) + b2)       (OPT-style)
+                           or SN(Wd · SN(SN(Wg · B + bg) ⊙ (Wu · B + bu)) + bd)   (gated, Llama-style)
     h      = mean_t X_L[t]
     logits = head(LayerNorm(h))            or, with spiking_head, mean_t head(SN(X_L[t]))
 
@@ -22,11 +23,44 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .attention import SFSA
 from .configuration import BiSpikCLMConfig
-from .neurons import LIFNeuron
+from .neurons import FiringRateRecorder, LIFNeuron
 from .spike_ops import SpikeLinear, spike_scale
+
+#: Neuron module paths inside a block (and the head's) -> neuron group (``BiSpikCLMConfig.neuron_overrides``).
+NEURON_GROUP_OF = {"attn_in_neuron": "block_in", "self_attn.q_neuron": "q", "self_attn.k_neuron": "k",
+                   "self_attn.v_neuron": "v", "self_attn.attn_neuron": "attn", "self_attn.out_neuron": "attn_out",
+                   "ffn_in_neuron": "ffn_in", "ffn.gate_neuron": "ffn_gate", "ffn.hidden_neuron": "ffn_hidden",
+                   "ffn.out_neuron": "ffn_out", "head_neuron": "head"}
+
+
+def neuron_group(path: str) -> tuple[int | None, str]:
+    """``(block index or None, neuron group)`` of a neuron's module path in a :class:`BiSpikCLMForCausalLM`,
+    e.g. ``"model.layers.3.self_attn.q_neuron"`` -> ``(3, "q")``, ``"head_neuron"`` -> ``(None, "head")``."""
+    parts = path.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return int(parts[i + 1]), NEURON_GROUP_OF[".".join(parts[i + 2:])]
+    return None, NEURON_GROUP_OF[path]
+
+
+@dataclass
+class BiSpikCLMModelOutput(ModelOutput):
+    """What the stack of spiking blocks returns.
+
+    * ``last_hidden_state``: the last residual stream over time, ``X_L`` ``[T, B, N, D]``.
+    * ``hidden_states``: time-averaged residual stream, ``L + 1`` tensors ``[B, N, D]`` (embedding first).
+    * ``attentions``: time-averaged binary attention maps mean_t P, ``L`` tensors ``[B, H, N, Nk]``.
+    * ``spike_rates``: time-averaged block-input spikes mean_t SN(X_l), ``L`` tensors ``[B, N, D]``.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    spike_rates: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -44,17 +78,49 @@ class BiSpikCLMOutput(CausalLMOutputWithPast):
 
 
 class SFFN(nn.Module):
-    """Spiking feed-forward network: ``SN(W2 · SN(W1 · B + b1) + b2)``."""
+    """Spiking feed-forward network (OPT-style): ``SN(W2 · SN(W1 · B + b1) + b2)``."""
 
     def __init__(self, config: BiSpikCLMConfig) -> None:
         super().__init__()
         self.fc1 = SpikeLinear(config.hidden_size, config.ffn_dim)
         self.fc2 = SpikeLinear(config.ffn_dim, config.hidden_size)
-        self.hidden_neuron = LIFNeuron(**config.neuron_kwargs("ffn_hidden"))
-        self.out_neuron = LIFNeuron(**config.neuron_kwargs("ffn_out"))
+        self.hidden_neuron = LIFNeuron(**config.neuron_kwargs("ffn_hidden", config.ffn_dim))
+        self.out_neuron = LIFNeuron(**config.neuron_kwargs("ffn_out", config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_neuron(self.fc2(self.hidden_neuron(self.fc1(x))))
+
+
+class GatedSFFN(nn.Module):
+    """Gated spiking feed-forward network, the analogue of Llama's ``down(silu(gate(x)) * up(x))``::
+
+        G = SN_gate(Wg · B + bg)                                   # binary gate
+        H = SN_hidden(G ⊙ (Wu · B + bu))     (ffn_gate="select")    # a gate spike lets the up current in
+        H = G AND SN_hidden(Wu · B + bu)     (ffn_gate="and")       # both must fire
+        Y = SN_out(Wd · H + bd)
+
+    Every product stays spike-driven: ``Wg · B`` and ``Wu · B`` are fed by the block's spikes, ``G ⊙ I`` selects
+    currents by a binary gate (no multiplication), ``G AND U`` is a bit operation, and ``Wd`` receives binary ``H``.
+    ``docs/model.md`` has the measurement that chose the default form."""
+
+    def __init__(self, config: BiSpikCLMConfig) -> None:
+        super().__init__()
+        self.gate_mode = config.ffn_gate
+        self.gate_proj = SpikeLinear(config.hidden_size, config.ffn_dim)
+        self.up_proj = SpikeLinear(config.hidden_size, config.ffn_dim)
+        self.down_proj = SpikeLinear(config.ffn_dim, config.hidden_size)
+        self.down_proj.gated_input = True       # its inputs fire at about input_rate² (see _init_weights)
+        self.gate_neuron = LIFNeuron(**config.neuron_kwargs("ffn_gate", config.ffn_dim))
+        self.hidden_neuron = LIFNeuron(**config.neuron_kwargs("ffn_hidden", config.ffn_dim))
+        self.out_neuron = LIFNeuron(**config.neuron_kwargs("ffn_out", config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_neuron(self.gate_proj(x))
+        if self.gate_mode == "select":
+            hidden = self.hidden_neuron(gate * self.up_proj(x))
+        else:
+            hidden = gate * self.hidden_neuron(self.up_proj(x))
+        return self.out_neuron(self.down_proj(hidden))
 
 
 class BiSpikCLMBlock(GradientCheckpointingLayer):
@@ -64,19 +130,19 @@ class BiSpikCLMBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: BiSpikCLMConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attn_in_neuron = LIFNeuron(**config.neuron_kwargs("block_in"))
+        self.attn_in_neuron = LIFNeuron(**config.neuron_kwargs("block_in", config.hidden_size))
         self.self_attn = SFSA(config, layer_idx)
-        self.ffn_in_neuron = LIFNeuron(**config.neuron_kwargs("ffn_in"))
-        self.ffn = SFFN(config)
+        self.ffn_in_neuron = LIFNeuron(**config.neuron_kwargs("ffn_in", config.hidden_size))
+        self.ffn = GatedSFFN(config) if config.ffn_type == "gated" else SFFN(config)
         # per-channel weights of the spikes each branch adds to the residual stream (a spike selects its weight:
         # an accumulate, not a multiply); small at init so the stream does not drift into saturation with depth
         self.attn_residual_scale = nn.Parameter(torch.full((config.hidden_size,), config.effective_residual_scale))
         self.ffn_residual_scale = nn.Parameter(torch.full((config.hidden_size,), config.effective_residual_scale))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, past_key_values=None,
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, cache=None,
                 output_attentions: bool = False, output_spike_rates: bool = False):
         a = self.attn_in_neuron(x)
-        y, attn = self.self_attn(a, key_mask, past_key_values, output_attentions)
+        y, attn = self.self_attn(a, key_mask, cache, output_attentions)
         x = x + spike_scale(y, self.attn_residual_scale)
         x = x + spike_scale(self.ffn(self.ffn_in_neuron(x)), self.ffn_residual_scale)
         return x, attn, (a.mean(0) if output_spike_rates else None)
@@ -93,8 +159,10 @@ class BiSpikCLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         cfg = self.config
         if isinstance(module, SpikeLinear):
-            # currents driven by spikes at rate `input_rate` start with std ~ weight_gain
-            std = cfg.weight_gain / math.sqrt(module.in_features * cfg.input_rate)
+            # currents driven by spikes at rate `input_rate` start with std ~ weight_gain; the down projection of a
+            # gated SFFN is driven by spikes that need two neurons to fire, at about the square of that rate
+            rate = cfg.input_rate ** 2 if getattr(module, "gated_input", False) else cfg.input_rate
+            std = cfg.weight_gain / math.sqrt(module.in_features * rate)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -104,6 +172,11 @@ class BiSpikCLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=cfg.initializer_range)
+        elif isinstance(module, LIFNeuron):
+            if module.threshold_param is not None:
+                init.constant_(module.threshold_param, module.threshold)
+            if module.beta_param is not None:
+                init.constant_(module.beta_param, module.beta)
         elif isinstance(module, BiSpikCLMBlock):
             init.constant_(module.attn_residual_scale, cfg.effective_residual_scale)
             init.constant_(module.ffn_residual_scale, cfg.effective_residual_scale)
@@ -113,7 +186,7 @@ class BiSpikCLMPreTrainedModel(PreTrainedModel):
 
 
 class BiSpikCLMModel(BiSpikCLMPreTrainedModel):
-    """Embedding, direct encoding over ``time_steps``, and the spiking blocks; returns ``X_L`` ``[T,B,N,D]``."""
+    """Embedding, direct encoding over ``time_steps``, and the spiking blocks (:class:`BiSpikCLMModelOutput`)."""
 
     def __init__(self, config: BiSpikCLMConfig) -> None:
         super().__init__(config)
@@ -138,20 +211,40 @@ class BiSpikCLMModel(BiSpikCLMPreTrainedModel):
                              f"positions")
         return (self.embed_tokens(input_ids) + self.embed_positions(position_ids)) * self.input_gain
 
-    def forward(self, input_ids, position_ids, key_mask=None, past_key_values=None, output_attentions=False,
-                output_hidden_states=False, output_spike_rates=False):
+    def forward(self, input_ids: torch.LongTensor, position_ids: torch.LongTensor,
+                key_mask: torch.Tensor | None = None, cache=None, output_attentions: bool = False,
+                output_hidden_states: bool = False, output_spike_rates: bool = False) -> BiSpikCLMModelOutput:
+        """``input_ids``, ``position_ids`` ``[B, N]``; ``key_mask`` ``[B, past + N]`` (``None``: no padding);
+        ``cache``: binary K/V spikes of earlier positions (updated in place)."""
         x0 = self.embed(input_ids, position_ids)
         x = x0.unsqueeze(0).expand(self.config.time_steps, *x0.shape)     # direct encoding, [T, B, N, D]
-        hidden, maps, rates = [x0] if output_hidden_states else None, [], []
+        hidden, maps, rates = [x0], [], []
         for layer in self.layers:
-            x, attn, rate = layer(x, key_mask, past_key_values=past_key_values,
-                                  output_attentions=output_attentions, output_spike_rates=output_spike_rates)
+            x, attn, rate = layer(x, key_mask, cache=cache, output_attentions=output_attentions,
+                                  output_spike_rates=output_spike_rates)
             if output_hidden_states:
                 hidden.append(x.mean(0))
             maps.append(attn)
             rates.append(rate)
-        return (x, tuple(hidden) if output_hidden_states else None, tuple(maps) if output_attentions else None,
-                tuple(rates) if output_spike_rates else None)
+        return BiSpikCLMModelOutput(last_hidden_state=x,
+                                    hidden_states=tuple(hidden) if output_hidden_states else None,
+                                    attentions=tuple(maps) if output_attentions else None,
+                                    spike_rates=tuple(rates) if output_spike_rates else None)
+
+    def resize_position_embeddings(self, num_positions: int) -> None:
+        """Give the learned position table ``num_positions`` rows. New rows repeat the trained table cyclically
+        (row ``p`` starts as row ``p mod old``, the copy initialization used to extend learned positions in
+        Longformer, Beltagy et al. 2020), so a longer context starts from trained rows; fine-tune on long
+        sequences afterwards. Fewer rows truncate the table."""
+        old = self.embed_positions
+        if num_positions < 1:
+            raise ValueError(f"num_positions must be >= 1, got {num_positions}")
+        new = nn.Embedding(num_positions, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            rows = torch.arange(num_positions, device=old.weight.device) % old.num_embeddings
+            new.weight.copy_(old.weight[rows])
+        self.embed_positions = new
+        self.config.max_position_embeddings = num_positions
 
 
 class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
@@ -164,7 +257,8 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         self.model = BiSpikCLMModel(config)
         self.final_layer_norm = None if config.spiking_head else nn.LayerNorm(config.hidden_size,
                                                                              eps=config.layer_norm_eps)
-        self.head_neuron = LIFNeuron(**config.neuron_kwargs("head")) if config.spiking_head else None
+        self.head_neuron = (LIFNeuron(**config.neuron_kwargs("head", config.hidden_size)) if config.spiking_head
+                            else None)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -187,8 +281,12 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         return self.lm_head(self.final_layer_norm(x_last.mean(0)))
 
     def neurons(self) -> dict[str, LIFNeuron]:
-        """Every LIF neuron of the model by module path."""
+        """Every LIF neuron of the model by module path (:func:`neuron_group` maps a path to its group)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, LIFNeuron)}
+
+    def resize_position_embeddings(self, num_positions: int) -> None:
+        """See :meth:`BiSpikCLMModel.resize_position_embeddings`."""
+        self.model.resize_position_embeddings(num_positions)
 
     def forward(
         self,
@@ -209,7 +307,7 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         ``labels`` ``[B, N]`` (shifted inside; -100 is ignored)."""
         if input_ids is None:
             raise ValueError("input_ids is required")
-        if past_key_values is None:   # transformers >= 5.24 passes the cache as `cache`
+        if past_key_values is None:   # transformers >= 5.24 names it `cache`
             past_key_values = kwargs.pop("cache", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None and not self.training:
@@ -226,24 +324,17 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
         key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
 
-        neurons = self.neurons() if output_firing_rates else {}
-        for neuron in neurons.values():
-            neuron.reset_stats()
-            neuron.record = True
-        try:
-            x_last, hidden, maps, rates = self.model(
-                input_ids, position_ids, key_mask, past_key_values,
-                output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
-                output_spike_rates=output_spike_rates)
-            logits = self.head(x_last)
-        finally:
-            for neuron in neurons.values():
-                neuron.record = False
-        firing = {name: m.spike_count / max(m.update_count, 1.0) for name, m in neurons.items()} or None
+        with FiringRateRecorder(self.neurons() if output_firing_rates else {}) as recorder:
+            out = self.model(input_ids, position_ids, key_mask, past_key_values,
+                             output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
+                             output_spike_rates=output_spike_rates)
+            logits = self.head(out.last_hidden_state)
+        firing = recorder.rates() if output_firing_rates else None
 
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                labels[:, 1:].reshape(-1), ignore_index=-100)
         return BiSpikCLMOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-                               hidden_states=hidden, attentions=maps, spike_rates=rates, firing_rates=firing)
+                               hidden_states=out.hidden_states, attentions=out.attentions,
+                               spike_rates=out.spike_rates, firing_rates=firing)

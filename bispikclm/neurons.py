@@ -14,12 +14,14 @@ Two implementations with the same signature and the same outputs and gradients:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 SURROGATES = ("arctan", "sigmoid", "triangle")
+LEARNABLE = ("none", "group", "channel")
 DEFAULT_ALPHA = {"arctan": 2.0, "sigmoid": 4.0, "triangle": 1.0}
 
 
@@ -55,9 +57,10 @@ class Heaviside(torch.autograd.Function):
         return grad * surrogate_grad(x, ctx.surrogate, ctx.alpha), None, None
 
 
-def lif_reference(current: torch.Tensor, beta: float, threshold: float, surrogate: str = "arctan",
+def lif_reference(current: torch.Tensor, beta, threshold, surrogate: str = "arctan",
                   alpha: float = 2.0, detach_reset: bool = False) -> torch.Tensor:
-    """Plain multi-step LIF: ``current`` ``[T, *]`` -> spikes ``[T, *]`` (0/1, same dtype)."""
+    """Plain multi-step LIF: ``current`` ``[T, *]`` -> spikes ``[T, *]`` (0/1, same dtype). ``beta`` and
+    ``threshold`` are floats, or tensors broadcast over ``current[t]`` (learned leak and thresholds)."""
     u = torch.zeros_like(current[0])
     s = torch.zeros_like(current[0])
     spikes = []
@@ -70,7 +73,7 @@ def lif_reference(current: torch.Tensor, beta: float, threshold: float, surrogat
 
 
 @torch.no_grad()
-def lif_membrane(current: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
+def lif_membrane(current: torch.Tensor, beta, threshold) -> torch.Tensor:
     """Membrane potential ``U`` ``[T, *]`` of the LIF neuron (no autograd); spikes are ``U >= threshold``."""
     membrane = torch.empty_like(current)
     u = current[0]
@@ -82,21 +85,47 @@ def lif_membrane(current: torch.Tensor, beta: float, threshold: float) -> torch.
     return membrane
 
 
-def _lif_backward(membrane: torch.Tensor, grad_spikes: torch.Tensor, beta: float, threshold: float,
-                  surrogate: str, alpha: float, detach_reset: bool) -> torch.Tensor:
-    """Backpropagation through time of the LIF recursion, from the membrane potential alone."""
+def _lif_backward(membrane: torch.Tensor, grad_spikes: torch.Tensor, beta, threshold, surrogate: str, alpha: float,
+                  detach_reset: bool, param_grads: bool = False):
+    """Backpropagation through time of the LIF recursion, from the membrane potential alone.
+
+    Returns the gradient of the current ``[T, *]``; with ``param_grads``, also those of ``beta`` and ``threshold``
+    (tensors broadcast over the current), unreduced ``[*]``::
+
+        dL/dθ = Σ_t -dL/dh[t] - S[t] · dL/dU[t+1]     (h = U - θ; the reset subtracts θ·S)
+        dL/dβ = Σ_t dL/dU[t] · U[t-1]
+    """
     grad_current = torch.empty_like(membrane)
     grad_u_next = None
+    grad_beta = grad_threshold = None
+    if param_grads:
+        grad_beta, grad_threshold = torch.zeros_like(membrane[0]), torch.zeros_like(membrane[0])
     for t in reversed(range(membrane.shape[0])):
         grad_s = grad_spikes[t]
         if grad_u_next is not None and not detach_reset:
             grad_s = grad_s - threshold * grad_u_next
-        grad_u = grad_s * surrogate_grad(membrane[t] - threshold, surrogate, alpha)
-        if grad_u_next is not None:
-            grad_u = grad_u + beta * grad_u_next
+        grad_h = grad_s * surrogate_grad(membrane[t] - threshold, surrogate, alpha)
+        grad_u = grad_h if grad_u_next is None else grad_h + beta * grad_u_next
+        if param_grads:
+            grad_threshold -= grad_h
+            if grad_u_next is not None:
+                grad_threshold -= (membrane[t] >= threshold).to(membrane.dtype) * grad_u_next
+            if t > 0:
+                grad_beta += grad_u * membrane[t - 1]
         grad_current[t] = grad_u
         grad_u_next = grad_u
+    if param_grads:
+        return grad_current, grad_beta, grad_threshold
     return grad_current
+
+
+def _reduce_to(grad: torch.Tensor, like) -> torch.Tensor | None:
+    """Sum a gradient ``[*]`` down to the shape of the parameter ``like`` broadcast against it (None for floats)."""
+    if not isinstance(like, torch.Tensor) or not like.requires_grad:
+        return None
+    if like.dim() == 0:
+        return grad.sum().reshape(())
+    return grad.reshape(-1, like.shape[-1]).sum(0)
 
 
 class _LeanLIF(torch.autograd.Function):
@@ -109,8 +138,14 @@ class _LeanLIF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        (membrane,) = ctx.saved_tensors
-        return _lif_backward(membrane, grad_spikes, *ctx.params), None, None, None, None, None
+        membrane = ctx.saved_tensors[0]
+        beta, threshold = ctx.params[:2]
+        learned = any(isinstance(p, torch.Tensor) and p.requires_grad for p in (beta, threshold))
+        grads = _lif_backward(membrane, grad_spikes, *ctx.params, param_grads=learned)
+        if not learned:
+            return grads, None, None, None, None, None
+        grad_current, grad_beta, grad_threshold = grads
+        return grad_current, _reduce_to(grad_beta, beta), _reduce_to(grad_threshold, threshold), None, None, None
 
 
 class _LeanLIFLevels(torch.autograd.Function):
@@ -132,16 +167,22 @@ class _LeanLIFLevels(torch.autograd.Function):
         (levels,) = ctx.saved_tensors
         beta, threshold = ctx.params[:2]
         membrane = lif_membrane(levels.to(ctx.dtype) * ctx.scale, beta, threshold)
-        grad_current = _lif_backward(membrane, grad_spikes, *ctx.params)
-        return grad_current * ctx.scale, None, None, None, None, None, None
+        learned = any(isinstance(p, torch.Tensor) and p.requires_grad for p in (beta, threshold))
+        grads = _lif_backward(membrane, grad_spikes, *ctx.params, param_grads=learned)
+        if not learned:
+            return grads * ctx.scale, None, None, None, None, None, None
+        grad_current, grad_beta, grad_threshold = grads
+        return (grad_current * ctx.scale, None, _reduce_to(grad_beta, beta), _reduce_to(grad_threshold, threshold),
+                None, None, None)
 
 
-def lif_lean(current: torch.Tensor, beta: float, threshold: float, surrogate: str = "arctan",
+def lif_lean(current: torch.Tensor, beta, threshold, surrogate: str = "arctan",
              alpha: float = 2.0, detach_reset: bool = False) -> torch.Tensor:
     """Multi-step LIF with the same outputs and gradients as :func:`lif_reference`, run without autograd's
     per-step graph: it keeps one tensor, the membrane potential ``[T, *]``, and runs the backward recursion by
     hand (the reference keeps a graph of about five nodes per time step)."""
-    if not torch.is_grad_enabled() or not current.requires_grad:
+    learned = any(isinstance(p, torch.Tensor) and p.requires_grad for p in (beta, threshold))
+    if not torch.is_grad_enabled() or not (current.requires_grad or learned):
         return (lif_membrane(current, beta, threshold) >= threshold).to(current.dtype)
     return _LeanLIF.apply(current, beta, threshold, surrogate, alpha, detach_reset)
 
@@ -159,14 +200,20 @@ class LIFNeuron(nn.Module):
         alpha: sharpness of the surrogate; ``None`` takes the surrogate's default.
         detach_reset: stop gradients through the reset term.
         backend: ``"lean"`` (default) or ``"reference"``.
+        learn_threshold: ``"none"`` (default), ``"group"`` (one learned threshold for the neuron module) or
+            ``"channel"`` (one per channel of the last axis; needs ``channels``). Learned thresholds stay >= 0.01.
+        learn_beta: ``"none"`` (default) or ``"group"`` (one learned leak, kept in [0.01, 0.99]). The leak stays
+            one number per module, so ``beta · U`` remains a multiplication by a constant.
+        channels: size of the last axis of the current, for ``learn_threshold="channel"``.
 
-    When :attr:`record` is set, each call stores the firing rate (mean spike value over the valid entries)
-    in :attr:`firing_rate` and the number of spikes and of neuron updates in :attr:`spike_count` and
-    :attr:`update_count`.
+    The membrane always runs in float32 (at least): under a bf16/fp16 autocast the current is cast up first, since
+    half-precision membranes lose small steps and the spikes would depend on the precision. Spikes (0 or 1, exact in
+    any dtype) come out in the dtype of the current. The neuron keeps no state between calls; :class:`FiringRateRecorder` counts its spikes.
     """
 
     def __init__(self, beta: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan",
-                 alpha: float | None = None, detach_reset: bool = False, backend: str = "lean") -> None:
+                 alpha: float | None = None, detach_reset: bool = False, backend: str = "lean",
+                 learn_threshold: str = "none", learn_beta: str = "none", channels: int | None = None) -> None:
         super().__init__()
         if not 0.0 < beta < 1.0:
             raise ValueError(f"beta must be in (0, 1), got {beta}")
@@ -176,44 +223,101 @@ class LIFNeuron(nn.Module):
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        if learn_threshold not in LEARNABLE or learn_beta not in LEARNABLE[:2]:
+            raise ValueError(f"learn_threshold must be one of {LEARNABLE} and learn_beta one of {LEARNABLE[:2]}, got "
+                             f"{learn_threshold!r}, {learn_beta!r}")
+        if learn_threshold == "channel" and not channels:
+            raise ValueError("learn_threshold='channel' needs the number of channels")
         self.beta, self.threshold, self.surrogate = float(beta), float(threshold), surrogate
         self.alpha = float(DEFAULT_ALPHA[surrogate] if alpha is None else alpha)
         self.detach_reset, self.backend = detach_reset, backend
-        self.record = False
-        self.firing_rate: torch.Tensor | None = None
-        self.spike_count = 0.0
-        self.update_count = 0.0
+        self.learn_threshold, self.learn_beta = learn_threshold, learn_beta
+        shape = {"group": (), "channel": (channels,)}
+        self.threshold_param = (nn.Parameter(torch.full(shape[learn_threshold], float(threshold)))
+                                if learn_threshold != "none" else None)
+        self.beta_param = nn.Parameter(torch.tensor(float(beta))) if learn_beta != "none" else None
+
+    def parameters_now(self) -> tuple:
+        """``(beta, threshold)`` as used in the forward pass: floats, or the learned tensors within their bounds."""
+        beta = self.beta if self.beta_param is None else self.beta_param.clamp(0.01, 0.99)
+        threshold = self.threshold if self.threshold_param is None else self.threshold_param.clamp_min(0.01)
+        return beta, threshold
 
     def forward(self, current: torch.Tensor, valid: torch.Tensor | None = None,
                 input_scale: float | None = None) -> torch.Tensor:
-        """``current`` ``[T, *]``; ``valid`` (optional, broadcastable to ``current``) marks the entries
-        that count towards the recorded firing rate (e.g. the causal part of an attention map).
+        """``current`` ``[T, *]``; ``valid`` (optional, broadcastable to ``current``) marks the entries that count
+        towards a recorded firing rate (e.g. the causal part of an attention map; see :class:`FiringRateRecorder`).
 
         With ``input_scale``, ``current`` holds small non-negative integers (levels) and the neuron is driven
         by ``input_scale * current``; the lean backend then keeps the levels as uint8 instead of a float
         membrane."""
-        args = (self.beta, self.threshold, self.surrogate, self.alpha, self.detach_reset)
+        dtype = current.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            current = current.float()
+        args = (*self.parameters_now(), self.surrogate, self.alpha, self.detach_reset)
         if input_scale is None:
             spikes = BACKENDS[self.backend](current, *args)
-        elif self.backend == "lean" and torch.is_grad_enabled() and current.requires_grad:
+        elif self.backend == "lean" and torch.is_grad_enabled() and (current.requires_grad or self.learned):
             spikes = _LeanLIFLevels.apply(current, input_scale, *args)
         else:
             spikes = BACKENDS[self.backend](current * input_scale, *args)
-        if self.record:
-            with torch.no_grad():
-                if valid is None:
-                    fired, total = spikes.sum(), float(spikes.numel())
-                else:
-                    valid = valid.to(spikes.dtype).expand_as(spikes)
-                    fired, total = (spikes * valid).sum(), float(valid.sum())
-                self.spike_count += float(fired)
-                self.update_count += total
-                self.firing_rate = fired.float() / max(total, 1.0)
-        return spikes
+        return spikes.to(dtype)
 
-    def reset_stats(self) -> None:
-        self.firing_rate, self.spike_count, self.update_count = None, 0.0, 0.0
+    @property
+    def learned(self) -> bool:
+        return self.threshold_param is not None or self.beta_param is not None
 
     def extra_repr(self) -> str:
+        learned = (f", learn_threshold={self.learn_threshold}, learn_beta={self.learn_beta}" if self.learned else "")
         return (f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}, alpha={self.alpha}, "
-                f"detach_reset={self.detach_reset}, backend={self.backend}")
+                f"detach_reset={self.detach_reset}, backend={self.backend}" + learned)
+
+
+class FiringRateRecorder:
+    """Counts the spikes and neuron updates of LIF neurons while active, through forward hooks::
+
+        with FiringRateRecorder(model.neurons()) as recorder:
+            model(input_ids)
+        recorder.rates()        # {path: spikes / updates}
+        recorder.overall()      # all spikes / all updates
+
+    Entries outside a call's ``valid`` mask (non-causal attention entries, padding) are not counted. Calls that
+    activation checkpointing replays during the backward pass are not counted twice."""
+
+    def __init__(self, neurons: dict[str, LIFNeuron]) -> None:
+        self.neurons = dict(neurons)
+        self.counts: dict[str, list[float]] = {name: [0.0, 0.0] for name in self.neurons}
+        self._handles: list = []
+
+    def __enter__(self) -> "FiringRateRecorder":
+        for name, neuron in self.neurons.items():
+            hook = functools.partial(self._count, name)
+            self._handles.append(neuron.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _count(self, name: str, module: LIFNeuron, args: tuple, kwargs: dict, spikes: torch.Tensor) -> None:
+        if torch._C._current_graph_task_id() != -1:     # replayed inside backward (activation checkpointing)
+            return
+        valid = kwargs.get("valid", args[1] if len(args) > 1 else None)
+        if valid is None:
+            fired, total = float(spikes.sum()), float(spikes.numel())
+        else:
+            valid = valid.to(spikes.dtype).expand_as(spikes)
+            fired, total = float((spikes * valid).sum()), float(valid.sum())
+        self.counts[name][0] += fired
+        self.counts[name][1] += total
+
+    def rates(self) -> dict[str, float]:
+        """Firing rate of each neuron: spikes over neuron updates (0 for a neuron that never ran)."""
+        return {name: spikes / max(updates, 1.0) for name, (spikes, updates) in self.counts.items()}
+
+    def overall(self) -> float:
+        """All spikes over all neuron updates."""
+        spikes = sum(c[0] for c in self.counts.values())
+        return spikes / max(sum(c[1] for c in self.counts.values()), 1.0)

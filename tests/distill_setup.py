@@ -25,17 +25,20 @@ def make_tokenizer(data_dir: Path, folder: Path, vocab_size: int = VOCAB):
 
 
 def make_teacher(arch: str, folder: Path, tokenizer, positions: int = 64, width: int = 32, layers: int = 2):
-    """A randomly initialized teacher of ``arch`` (opt, llama, gpt2), saved with its tokenizer in ``folder``."""
+    """A randomly initialized teacher of ``arch`` (opt, llama, llama-gqa: grouped-query attention with 2 K/V heads
+    for 4 query heads and tied embeddings, gpt2), saved with its tokenizer in ``folder``."""
     torch.manual_seed(0)
     vocab = len(tokenizer)
     if arch == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=width, word_embed_proj_dim=width,
                                          num_hidden_layers=layers, num_attention_heads=4, ffn_dim=2 * width,
                                          max_position_embeddings=positions, dropout=0.0))
-    elif arch == "llama":
+    elif arch in ("llama", "llama-gqa"):
+        gqa = arch == "llama-gqa"
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-                                             num_attention_heads=4, num_key_value_heads=4, intermediate_size=2 * width,
-                                             max_position_embeddings=positions))
+                                             num_attention_heads=4, num_key_value_heads=2 if gqa else 4,
+                                             intermediate_size=2 * width, max_position_embeddings=positions,
+                                             tie_word_embeddings=gqa))
     else:
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=4,
                                            n_positions=positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))

@@ -6,11 +6,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from transformers import AutoModelForCausalLM
+
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.distill.init import init_from_teacher
 from bispikclm.distill.losses import (AttentionLoss, EmbeddingLoss, FeatureLoss, HardTargetLoss, SoftTargetLoss,
                                       SpADLoss, layer_map, projector, rate_target)
 from bispikclm.distill.teacher import TeacherOutput
 from bispikclm.neurons import LIFNeuron
+from distill_setup import make_teacher, make_tokenizer
 
 
 def test_rate_target_is_the_firing_rate_of_the_lif_neuron_under_constant_current():
@@ -143,3 +147,74 @@ def test_spad_aligns_a_smaller_student_with_a_real_gpt2_teacher():
     loss.backward()
     assert set(terms) == {"emb", "attn", "feat", "soft", "hard"} and all(v.isfinite() for v in terms.values())
     assert spad.emb.proj.weight.grad.abs().sum() > 0 and spad.feat.projs[1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama-gqa"])
+def test_init_from_teacher_copies_embeddings_and_rescaled_block_weights(arch, data_dir, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(str(make_teacher(arch, tmp_path / "t", make_tokenizer(
+        data_dir, tmp_path / "tok"))))
+    torch.manual_seed(0)
+    student = BiSpikCLMForCausalLM(BiSpikCLMConfig.from_teacher_config(teacher.config, max_position_embeddings=64))
+    before = student.model.layers[0].self_attn.q_proj.weight.std()
+    done = init_from_teacher(student, teacher, "all")
+    assert torch.equal(student.model.embed_tokens.weight, teacher.get_input_embeddings().weight)
+    teacher_blocks = teacher.model.decoder.layers if arch == "opt" else teacher.model.layers
+    q_s, q_t = student.model.layers[0].self_attn.q_proj.weight, teacher_blocks[0].self_attn.q_proj.weight
+    assert torch.allclose(q_s / q_s.std(), q_t / q_t.std(), atol=1e-5) and torch.isclose(q_s.std(), before, rtol=1e-4)
+    assert ("model.embed_positions.weight" in done) == (arch == "opt")
+    ids = torch.randint(0, student.config.vocab_size, (1, 64))
+    current = student.model.embed(ids, torch.arange(64)[None]).detach()
+    assert 0.5 < float(current.std()) < 2.0                       # input gain reset to unit-scale currents
+    gated = [n for n in done if "ffn.gate_proj" in n]
+    assert bool(gated) == (arch == "llama-gqa")
+
+
+def test_narrower_student_gets_the_principal_directions_of_the_teacher_embedding(data_dir, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(str(make_teacher("opt", tmp_path / "t", make_tokenizer(
+        data_dir, tmp_path / "tok"))))
+    student = BiSpikCLMForCausalLM(BiSpikCLMConfig.from_teacher_config(teacher.config, hidden_size=16))
+    init_from_teacher(student, teacher, "all")
+    e_t = teacher.get_input_embeddings().weight
+    e_s = student.model.embed_tokens.weight.detach()
+    # the projection keeps the largest share of the embedding's variance a 16-wide table can hold
+    kept = float((e_s - e_s.mean(0)).square().sum() / (e_t - e_t.mean(0)).square().sum())
+    top = torch.linalg.svdvals(e_t - e_t.mean(0)).square()
+    assert kept == pytest.approx(float(top[:16].sum() / top.sum()), rel=1e-4)
+    assert not any("layers" in n for n in init_from_teacher(student, teacher, "all"))
+
+
+def test_matched_attention_targets_put_the_teacher_map_on_the_binary_maps_scale():
+    """A row attending uniformly over its n keys maps to all ones; a peaked row to one key on."""
+    n = 4
+    uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
+    peaked = torch.zeros(n, n)
+    peaked[torch.arange(n), 0] = 1.0
+    teacher = torch.stack([uniform, peaked])[:, None]            # [B=2, H=1, N, N]
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    matched = AttentionLoss(0.5, 0.05, 2, targets="matched")
+    assert float(matched([torch.stack([causal.float(), peaked])[:, None]], [teacher])) == 0.0
+    paper = AttentionLoss(0.5, 0.05, 2)
+    assert float(paper([torch.stack([causal.float(), peaked])[:, None]], [teacher])) > 0.05
+
+
+def test_spad_weights_are_normalized_to_sum_to_one():
+    config = BiSpikCLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                             max_position_embeddings=8)
+    spad = SpADLoss(config, config, {"emb": 0, "attn": 0, "feat": 0, "soft": 1, "hard": 3})
+    assert spad.weights == {"emb": 0, "attn": 0, "feat": 0, "soft": 0.25, "hard": 0.75}
+    with pytest.raises(ValueError, match=">= 0"):
+        SpADLoss(config, config, {"hard": -1})
+
+
+def test_matched_feature_targets_drive_the_neuron_on_the_students_own_scale():
+    """When the student's block input is an affine copy of the teacher's state (per token), the matched target is
+    the rate of the student's own neuron on that input: a student firing exactly so has zero Rate-MSE."""
+    torch.manual_seed(0)
+    teacher_state = torch.randn(2, 5, 16)
+    student_input = 3.0 * teacher_state + 1.0
+    own_rate = rate_target(student_input, 0.5, 1.0, 2)
+    matched = FeatureLoss(16, 16, 1, 0.5, 1.0, 2, targets="matched")
+    paper = FeatureLoss(16, 16, 1, 0.5, 1.0, 2)
+    args = ([teacher_state], [own_rate], [teacher_state], [teacher_state], [student_input])
+    assert float(matched(*args)) == pytest.approx(0.0, abs=1e-6)
+    assert float(paper(*args)) > 0.01

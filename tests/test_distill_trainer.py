@@ -26,6 +26,14 @@ def setup(data_dir, tmp_path_factory):
     return root, teacher, data_dir
 
 
+@pytest.fixture(scope="module")
+def llama_teacher(setup):
+    root, _, _ = setup
+    from transformers import AutoTokenizer
+
+    return make_teacher("llama-gqa", root / "llama", AutoTokenizer.from_pretrained(str(root / "tok")))
+
+
 def losses(run) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -35,11 +43,21 @@ def weights(run) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def test_resume_after_kill_9_gives_the_same_loss_sequence(setup):
+@pytest.mark.parametrize("arch", ["opt", "llama-gqa"])
+def test_resume_after_kill_9_gives_the_same_loss_sequence(setup, llama_teacher, arch):
+    """OPT teacher: OPT-style student; Llama teacher with grouped-query attention and tied embeddings: a
+    grouped-query, gated-FFN student with a learned position table sized to the training context."""
     root, teacher, data_dir = setup
+    root = root / f"resume-{arch}"
+    root.mkdir()
+    teacher = llama_teacher if arch == "llama-gqa" else teacher
     recipe = write_recipe(root / "resume.yaml", teacher, data_dir, tokens=4 * 32 * STEPS, save_every=4)
     done = cli("train", str(recipe), "--out", str(root / "whole"))
     assert done.returncode == 0, done.stderr
+    config = json.loads((root / "whole" / "model" / "config.json").read_text())
+    if arch == "llama-gqa":
+        assert (config["ffn_type"], config["num_key_value_heads"], config["max_position_embeddings"]) == ("gated", 2, 32)
+        assert config["tie_word_embeddings"] and "lm_head.weight" not in weights(root / "whole")
 
     killed = root / "killed"
     argv, env = cli_command("train", str(recipe), "--out", str(killed))
@@ -76,6 +94,28 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
     pa, pb = (torch.load(root / run / "checkpoints" / "step-00000006" / "state.pt")["spad"] for run in ("one", "two"))
     assert pa and all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama-gqa"])
+def test_ann_student_of_the_same_shape_distills_with_the_same_losses(setup, llama_teacher, tmp_path, arch):
+    """`student.kind: ann`: the ANN of the spiking student's exact shape (OPT or Llama), trained by the same
+    trainer on the same data and SpAD terms (without their Rate-MSE parts)."""
+    from transformers import AutoModelForCausalLM
+
+    root, teacher, data_dir = setup
+    teacher = llama_teacher if arch == "llama-gqa" else teacher
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir, tokens=4 * 32 * 10)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "ann"), "--no-progress", "--set",
+                 "student.kind=ann", "--set", "student.hidden_size=16"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ann" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 10 and {"loss_emb", "loss_attn", "loss_feat", "loss_soft", "loss_hard"} <= set(steps[0])
+    assert steps[-1]["loss"] < steps[0]["loss"] and "firing_rate" not in steps[-1]
+    ann = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ann" / "model"))
+    assert type(ann).__name__ == ("LlamaForCausalLM" if arch == "llama-gqa" else "OPTForCausalLM")
+    assert ann.config.hidden_size == 16 and ann.config.num_hidden_layers == 2
+    if arch == "llama-gqa":
+        assert ann.config.num_key_value_heads == 2 and ann.config.intermediate_size == 64
 
 
 def error_line(capsys) -> str:

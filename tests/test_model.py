@@ -9,21 +9,28 @@ from bispikclm.tracing import trace_ops
 
 SMALL = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
              max_position_embeddings=64)
+# OPT-style blocks, and Llama-style blocks (grouped-query SFSA: 4 query heads share 2 K/V heads; gated SFFN)
+# and OPT-style blocks whose neurons learn their thresholds (one per channel) and leaks (one per neuron module)
+SHAPES = {"opt": {}, "llama-select": dict(num_key_value_heads=2, ffn_type="gated", ffn_gate="select"),
+          "llama-and": dict(num_key_value_heads=2, ffn_type="gated", ffn_gate="and"),
+          "opt-learned": dict(learn_threshold="channel", learn_beta="group")}
 
 
-def small_model(**overrides) -> BiSpikCLMForCausalLM:
+def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:
     torch.manual_seed(0)
-    return BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **overrides})).eval()
+    return BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **SHAPES[shape], **overrides})).eval()
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("spiking_head", [False, True])
-def test_every_matmul_in_the_blocks_is_fed_by_spikes(spiking_head):
-    model = small_model(spiking_head=spiking_head)
+def test_every_matmul_in_the_blocks_is_fed_by_spikes(shape, spiking_head):
+    model = small_model(shape, spiking_head=spiking_head)
     ids = torch.randint(0, 300, (2, 24))
     with torch.no_grad(), trace_ops(model) as trace:
         model(ids, attention_mask=torch.ones(2, 24, dtype=torch.long).index_fill_(1, torch.tensor([0]), 0))
     matmuls = trace.matmuls("model.layers")
-    assert len(matmuls) == 2 * 8  # q, k, v, QK^T, PV, out, fc1, fc2 per layer
+    # q, k, v, QK^T, PV, out + fc1, fc2 (OPT) or gate, up, down (gated) per layer
+    assert len(matmuls) == 2 * (8 if shape.startswith("opt") else 9)
     for rec in matmuls:
         spike_side = rec.kinds[0]
         assert spike_side in ("binary", "count"), rec
@@ -35,24 +42,35 @@ def test_every_matmul_in_the_blocks_is_fed_by_spikes(spiking_head):
     assert head and all(r.kinds[0] == ("binary" if spiking_head else "float") for r in head)
 
 
-def test_no_softmax_exp_or_division_in_the_blocks_and_multiplications_are_listed():
-    model = small_model(residual_scale=0.5)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_no_softmax_exp_or_division_in_the_blocks_and_multiplications_are_listed(shape):
+    model = small_model(shape, residual_scale=0.5)
     with torch.no_grad(), trace_ops(model) as trace:
         model(torch.randint(0, 300, (1, 20)))
     assert trace.forbidden("model.layers") == []
     muls = trace.multiplications("model.layers")
     kinds = {r.kinds for r in muls}
-    # neuron leak and reset, attention scale: by a constant; residual weights: a spike selects its weight
-    assert kinds <= {("float", "scalar"), ("binary", "scalar"), ("count", "scalar"), ("binary", "float")}, kinds
-    residual = [r for r in muls if r.kinds == ("binary", "float")]
-    assert len(residual) == 2 * 2 and all(r.module.startswith("model.layers.") for r in residual)
+    # neuron leak and reset, attention scale: by a constant; residual weights: a spike selects its weight;
+    # gated SFFN: a gate spike selects the up current ("select") or ANDs with the up spike ("and")
+    allowed = {("float", "scalar"), ("binary", "scalar"), ("count", "scalar"), ("binary", "float")}
+    if shape == "opt-learned":   # learned leak (0-d) times the membrane; learned threshold per channel times spikes
+        allowed |= {("scalar", kind) for kind in ("float", "binary", "count")} | {(k, "binary") for k in
+                                                                                  ("float", "binary")}
+    assert kinds <= allowed | ({("binary", "binary")} if shape == "llama-and" else set()), kinds
+    selects = [r for r in muls if r.kinds == ("binary", "float")]
+    assert all(r.module.startswith("model.layers.") for r in selects)
+    assert len(selects) == 2 * (3 if shape == "llama-select" else 2)   # 2 residual weights per block (+ gate)
+    assert all(not (r.kinds[0] == "float" and r.kinds[1] == "float") for r in muls)
+    if shape == "llama-and":
+        assert len([r for r in muls if r.kinds == ("binary", "binary")]) == 2
     # outside the blocks: the head's LayerNorm is the one normalization
     assert [r.forbidden for r in trace.forbidden()] == ["normalization"]
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("time_steps", [1, 2, 4])
-def test_causality_future_tokens_never_change_the_past(time_steps):
-    model = small_model(time_steps=time_steps)
+def test_causality_future_tokens_never_change_the_past(shape, time_steps):
+    model = small_model(shape, time_steps=time_steps)
     torch.manual_seed(1)
     ids = torch.randint(0, 300, (1, 32))
     base = model(ids, use_cache=False).logits
@@ -64,9 +82,10 @@ def test_causality_future_tokens_never_change_the_past(time_steps):
         assert not torch.equal(logits[:, j:], base[:, j:])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("time_steps", [1, 2, 4])
-def test_incremental_decoding_equals_full_forward(time_steps):
-    model = small_model(time_steps=time_steps).double()
+def test_incremental_decoding_equals_full_forward(shape, time_steps):
+    model = small_model(shape, time_steps=time_steps).double()
     torch.manual_seed(2)
     ids = torch.randint(0, 300, (2, 40))
     full = model(ids, use_cache=False).logits
@@ -80,11 +99,14 @@ def test_incremental_decoding_equals_full_forward(time_steps):
     # a single flipped spike would change the logits far beyond this tolerance
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
     layer = cache.layers[0]
-    assert layer.keys.dtype == torch.bool and layer.keys.shape == (2, time_steps, 4, 40, 16)
+    kv_heads = 4 if shape.startswith("opt") else 2                 # the cache holds only the key/value heads
+    assert layer.keys.dtype == torch.bool and layer.keys.shape == (2, time_steps, kv_heads, 40, 16)
+    assert layer.values.dtype == torch.bool and layer.values.shape == (2, time_steps, kv_heads, 40, 16)
 
 
-def test_batched_generation_with_left_padding_matches_single_sequences():
-    model = small_model(pad_token_id=0)
+@pytest.mark.parametrize("shape", ["opt", "llama-select"])
+def test_batched_generation_with_left_padding_matches_single_sequences(shape):
+    model = small_model(shape, pad_token_id=0)
     torch.manual_seed(3)
     prompts = [torch.randint(1, 300, (n,)) for n in (5, 9)]
     singles = [model.generate(p[None], max_new_tokens=8, do_sample=False)[0, len(p):] for p in prompts]
@@ -100,8 +122,9 @@ def test_batched_generation_with_left_padding_matches_single_sequences():
     assert sampled.shape == (2, 17)
 
 
-def test_gradients_reach_every_parameter():
-    model = small_model().train()
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_reach_every_parameter(shape):
+    model = small_model(shape).train()
     ids = torch.randint(0, 300, (4, 32))
     model(ids, labels=ids).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -122,8 +145,9 @@ def test_spikes_are_saved_for_backward_as_bool():
     assert len(floats) <= neurons + 8
 
 
-def test_save_load_round_trip_through_auto_classes(tmp_path):
-    model = small_model(time_steps=4, spiking_head=True)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_save_load_round_trip_through_auto_classes(tmp_path, shape):
+    model = small_model(shape, time_steps=4, spiking_head=True)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "bispikclm"
@@ -158,7 +182,57 @@ def test_same_shape_student_from_teacher_configs():
         cfg = BiSpikCLMConfig.from_teacher_config(teacher, time_steps=4)
         assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.ffn_dim) == (64, 2, 4, ffn)
         assert cfg.vocab_size == teacher.vocab_size and cfg.time_steps == 4
+        assert cfg.ffn_type == ("gated" if isinstance(teacher, LlamaConfig) else "mlp")
 
+
+def test_llama_teacher_gives_grouped_query_gated_student_with_its_own_position_table():
+    from transformers import LlamaConfig
+
+    teacher = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+                          tie_word_embeddings=True)
+    cfg = BiSpikCLMConfig.from_teacher_config(teacher)
+    assert (cfg.num_attention_heads, cfg.key_value_heads, cfg.attention_head_dim) == (9, 3, 64)
+    assert cfg.ffn_type == "gated" and cfg.ffn_dim == 1536 and cfg.tie_word_embeddings
+    assert cfg.max_position_embeddings == 2048                      # rotary teacher: no table to copy
+    assert BiSpikCLMConfig.from_teacher_config(teacher, max_position_embeddings=256).max_position_embeddings == 256
+    model = BiSpikCLMForCausalLM(BiSpikCLMConfig.from_teacher_config(
+        teacher, vocab_size=300, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, ffn_dim=64,
+        num_hidden_layers=1, max_position_embeddings=32))
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 48 and attn.k_proj.out_features == attn.v_proj.out_features == 16
+
+
+def test_position_table_grows_by_repeating_trained_rows():
+    model = small_model()
+    ids = torch.randint(0, 300, (1, 64))
+    before = model(ids).logits
+    table = model.model.embed_positions.weight.detach().clone()
+    model.resize_position_embeddings(150)
+    assert model.config.max_position_embeddings == 150 and model.model.embed_positions.weight.shape == (150, 64)
+    assert torch.equal(model.model.embed_positions.weight[64:128], table)
+    assert torch.equal(model(ids).logits, before)                   # the trained positions are untouched
+    assert model(torch.randint(0, 300, (1, 150))).logits.shape == (1, 150, 300)
+
+
+def test_attention_counts_stay_exact_under_bf16_autocast():
+    """P·V sums up to one spike per key: beyond 256 keys bfloat16 cannot hold them exactly, float32 can."""
+    dense = {group: {"threshold": 0.05} for group in ("block_in", "q", "k", "v")}   # most neurons fire
+    model = small_model("llama-select", max_position_embeddings=320, attn_threshold=0.01, neuron_overrides=dense)
+    attn = model.model.layers[0].self_attn
+    seen = {}
+    hooks = [attn.attn_neuron.register_forward_hook(lambda m, a, out: seen.__setitem__("p", out)),
+             attn.v_neuron.register_forward_hook(lambda m, a, out: seen.__setitem__("v", out)),
+             attn.out_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0]))]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 300, (1, 300)), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    t = model.config.time_steps
+    v = attn._repeat_kv(attn._heads(seen["v"].double(), attn.num_kv_heads))
+    o = (seen["p"].double() @ v).transpose(2, 3).reshape(t, 1, 300, 64)
+    assert o.max() > 256                                            # counts bfloat16 would round
+    assert seen["o"].dtype == torch.float32 and torch.equal(seen["o"].double(), o)
 
 def _grads(model, ids):
     model.zero_grad()
@@ -174,7 +248,16 @@ def test_reference_backend_and_gradient_checkpointing_give_the_same_gradients():
     reference.load_state_dict(lean.state_dict())
     loss_a, grads_a = _grads(lean, ids)
     loss_b, grads_b = _grads(reference, ids)
+    saved = []
+    hooks = (lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t)
+    with torch.autograd.graph.saved_tensors_hooks(*hooks):
+        lean(ids, labels=ids, use_cache=False)
+    without = sum(saved)
     lean.activation_checkpointing_enable()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(*hooks):
+        lean(ids, labels=ids, use_cache=False)
+    assert sum(saved) < 0.5 * without                   # blocks keep only their inputs; the rest is recomputed
     loss_c, grads_c = _grads(lean, ids)
     assert loss_a == loss_b == loss_c
     for name in grads_a:

@@ -2,7 +2,8 @@
 
 The recipe (YAML; see ``bispikclm/recipes/``) has sections ``teacher`` (a ``from_pretrained`` name or folder),
 ``tokenizer`` (default: the teacher's), ``data`` (``train`` and ``valid`` sources), ``student``
-(BiSpikCLMConfig overrides) and ``train`` (:class:`bispikclm.distill.TrainConfig`). Several processes:
+(BiSpikCLMConfig overrides, and ``kind: ann`` for the same-shape ANN baseline) and ``train``
+(:class:`bispikclm.distill.TrainConfig`). Several processes:
 ``torchrun --nproc_per_node N -m bispikclm train RECIPE`` (or ``accelerate launch`` with an FSDP config).
 """
 
@@ -14,14 +15,19 @@ from pathlib import Path
 
 import torch
 
-from ..configuration import BiSpikCLMConfig
+from ..ann import same_shape_ann
+from ..configuration import BiSpikCLMConfig, has_rotary_positions
 from ..data import TokenFile, encode, iter_texts, load_texts, pack, tokenize_to_file
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
 
 SECTIONS = ("teacher", "tokenizer", "data", "student", "train")
+# student.kind: the spiking student, or the ANN of exactly its shape (bispikclm.ann), the baseline for the price of
+# spikes: the same teacher, losses, tokens, data order and seed
+STUDENT_KINDS = ("spiking", "ann")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +82,15 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer: {str(err).splitlines()[0]}") from None
     check_teacher(teacher, len(tokenizer), config.seq_len)
-    student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe.get("student", {}))
+    student_section = dict(recipe.get("student") or {})
+    kind, init = student_section.pop("kind", "spiking"), student_section.pop("init", "random")
+    if kind not in STUDENT_KINDS:
+        raise UserError(f"student.kind must be one of {STUDENT_KINDS}, got {kind!r}")
+    if init not in INIT_MODES or (init != "random" and kind != "spiking"):
+        raise UserError(f"student.init must be one of {INIT_MODES} (spiking students), got {init!r}")
+    if "max_position_embeddings" not in student_section and has_rotary_positions(teacher.config):
+        student_section["max_position_embeddings"] = config.seq_len    # a learned table sized to the context
+    student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section)
     if config.seq_len > student_config.max_position_embeddings:
         raise UserError(f"sequence length {config.seq_len} is beyond the student's "
                         f"{student_config.max_position_embeddings} positions")
@@ -86,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
                                 Path(args.out) / "data" / "train.bin", str(recipe.get("tokenizer") or recipe["teacher"]))
     val_seqs = sequences(recipe["data"]["valid"], tokenizer, config.seq_len) if "valid" in recipe["data"] else None
     torch.manual_seed(config.seed)
-    student = BiSpikCLMForCausalLM(student_config)
+    student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
+               else same_shape_ann(student_config, attn_implementation="eager"))
+    if init != "random":
+        init_from_teacher(student, teacher, init)
     trainer = Trainer(student, config, train_seqs, val_seqs, args.out, teacher=teacher,
                       fingerprint={"teacher": str(recipe["teacher"])}, progress=not args.no_progress,
                       tokenizer=tokenizer)

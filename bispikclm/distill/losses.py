@@ -8,9 +8,19 @@ Each term is a small module. Chosen details where the method is silent:
   both sides: the student's residual stream carries ``input_gain`` times the embedding plus spike sums, the
   teacher's its own scale, so only their directions are comparable.
 * Rate-MSE: the teacher's value is fed as a constant current for ``T`` steps into a LIF neuron with the
-  student's parameters for that place; the student's firing rate is matched to that neuron's rate. For hidden
-  states the current is the layer-normed teacher state (unit scale, as the student's block input at init);
-  where widths differ, per-token mean rates are compared.
+  student's parameters for that place; the student's firing rate is matched to that neuron's rate. Where widths
+  differ, per-token mean rates are compared. What "the teacher's value" is, is a choice (``rate_targets``):
+
+  - ``"paper"``: attention maps: the teacher's softmax probabilities as they are (both the map MSE and the
+    Rate-MSE); hidden states: the layer-normed teacher state (unit scale, as the student's block input at init).
+  - ``"matched"``: each target is first put on the scale of what the student's neuron sees. Attention: a binary
+    map cannot express a distribution that sums to one over ``n`` keys, only which keys count; the probability
+    ``p`` of a key among ``n`` visible ones becomes ``min(1, n·p)`` (uniform attention: every key on; a peak:
+    that key on, the rest in proportion), compared with mean_t P and fed to the attention neuron. Hidden states:
+    the layer-normed teacher state is rescaled to the mean and spread, per token, of the student's own
+    block-input state before it drives the neuron, so both sides are normalized the same way.
+* The weights of the active terms are normalized to sum to one, so that variants with terms switched off are
+  compared at the same total weight (the defaults already sum to one).
 * Attention maps are compared over the causal entries; head counts that differ are averaged over heads.
 * Layers are mapped uniformly: student layer ``i`` of ``Ls`` takes teacher layer ``round(i · Lt / Ls)``.
 """
@@ -28,6 +38,7 @@ from ..neurons import lif_lean
 from .teacher import TeacherOutput
 
 TERMS = ("emb", "attn", "feat", "soft", "hard")
+RATE_TARGETS = ("paper", "matched")
 DEFAULT_WEIGHTS = {"emb": 0.2, "attn": 0.1, "feat": 0.1, "soft": 0.3, "hard": 0.3}
 
 
@@ -75,11 +86,17 @@ class EmbeddingLoss(nn.Module):
 
 class AttentionLoss(nn.Module):
     """L_attn: MSE of the student's mean_t P against the teacher's softmax map, plus Rate-MSE against the rate
-    of the student's attention neuron fed the teacher's probabilities. Maps ``[B, H, N, N]``."""
+    of the student's attention neuron fed the teacher's probabilities. Maps ``[B, H, N, N]``.
 
-    def __init__(self, beta: float, threshold: float, time_steps: int) -> None:
+    Without neuron parameters (``beta=None``: an ANN student, whose maps are softmax probabilities) the loss is
+    the MSE of the maps alone."""
+
+    def __init__(self, beta: float | None, threshold: float | None, time_steps: int | None,
+                 targets: str = "paper") -> None:
         super().__init__()
-        self.beta, self.threshold, self.time_steps = beta, threshold, time_steps
+        if targets not in RATE_TARGETS:
+            raise ValueError(f"rate targets must be one of {RATE_TARGETS}, got {targets!r}")
+        self.beta, self.threshold, self.time_steps, self.targets = beta, threshold, time_steps, targets
 
     def forward(self, student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]) -> torch.Tensor:
         total = 0.0
@@ -88,9 +105,13 @@ class AttentionLoss(nn.Module):
             if s.shape[1] != t.shape[1]:
                 s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
             causal = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+            if self.targets == "matched":           # p of a key among n visible -> min(1, n p)
+                visible = torch.arange(1, t.shape[-2] + 1, device=t.device, dtype=t.dtype)[:, None]
+                t = (t * visible).clamp(max=1.0)
             s, t = s[..., causal], t[..., causal]
-            target = rate_target(t, self.beta, self.threshold, self.time_steps)
-            total = total + F.mse_loss(s, t) + F.mse_loss(s, target)
+            total = total + F.mse_loss(s, t)
+            if self.beta is not None:
+                total = total + F.mse_loss(s, rate_target(t, self.beta, self.threshold, self.time_steps))
         return total / len(student_maps)
 
 
@@ -99,21 +120,30 @@ class FeatureLoss(nn.Module):
     plus Rate-MSE of the student's block-input spike rate against the block-input neuron fed the teacher's
     (layer-normed) state. States ``[B, N, D]``."""
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_layers: int, beta: float, threshold: float,
-                 time_steps: int) -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, num_layers: int, beta: float | None,
+                 threshold: float | None, time_steps: int | None, targets: str = "paper") -> None:
         super().__init__()
+        if targets not in RATE_TARGETS:
+            raise ValueError(f"rate targets must be one of {RATE_TARGETS}, got {targets!r}")
         self.projs = nn.ModuleList(projector(student_dim, teacher_dim) for _ in range(num_layers))
-        self.beta, self.threshold, self.time_steps = beta, threshold, time_steps
+        self.beta, self.threshold, self.time_steps, self.targets = beta, threshold, time_steps, targets
 
-    def forward(self, student_hidden: list[torch.Tensor], student_rates: list[torch.Tensor],
-                teacher_hidden: list[torch.Tensor], teacher_inputs: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, student_hidden: list[torch.Tensor], student_rates: list[torch.Tensor] | None,
+                teacher_hidden: list[torch.Tensor], teacher_inputs: list[torch.Tensor],
+                student_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``student_hidden[i]``/``teacher_hidden[i]``: outputs of aligned layers; ``student_rates[i]``: the
-        block-input spike rate of student layer ``i``, whose teacher counterpart is ``teacher_inputs[i]``."""
+        block-input spike rate of student layer ``i`` (``None`` for an ANN student: no Rate-MSE), whose teacher
+        counterpart is ``teacher_inputs[i]``; ``student_inputs[i]``: that block's (time-averaged) input state,
+        whose per-token scale the ``"matched"`` targets take."""
         total = 0.0
         for proj, s, t in zip(self.projs, student_hidden, teacher_hidden):
             total = total + normalized_mse(proj(s), t)
-        for rate, t in zip(student_rates, teacher_inputs):
-            target = rate_target(F.layer_norm(t.float(), t.shape[-1:]), self.beta, self.threshold, self.time_steps)
+        for i, (rate, t) in enumerate(zip(student_rates or (), teacher_inputs)):
+            current = F.layer_norm(t.float(), t.shape[-1:])
+            if self.targets == "matched":
+                own = student_inputs[i].detach().float()
+                current = current * own.std(-1, keepdim=True) + own.mean(-1, keepdim=True)
+            target = rate_target(current, self.beta, self.threshold, self.time_steps)
             rate = rate.float()
             if rate.shape[-1] != target.shape[-1]:
                 rate, target = rate.mean(-1), target.mean(-1)
@@ -184,16 +214,24 @@ class HardTargetLoss(nn.Module):
 class SpADLoss(nn.Module):
     """The weighted sum of the SpAD terms; a term with weight 0 is switched off and not computed.
 
+    ``student_config`` is a :class:`BiSpikCLMConfig`, or the Hugging Face config of an ANN student (the same-shape
+    baseline of :mod:`bispikclm.ann`), which gets the same terms without their Rate-MSE parts.
+
     ``forward`` returns ``(loss, {term: value})`` with every active term's unweighted value (detached)."""
 
-    def __init__(self, student_config: BiSpikCLMConfig, teacher_config=None, weights: dict | None = None,
-                 tau: float = 2.0, vocab_chunk_size: int = 8192) -> None:
+    def __init__(self, student_config, teacher_config=None, weights: dict | None = None,
+                 tau: float = 2.0, vocab_chunk_size: int = 8192, rate_targets: str = "paper") -> None:
         super().__init__()
-        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
-        unknown = set(self.weights) - set(TERMS)
+        weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        unknown = set(weights) - set(TERMS)
         if unknown:
             raise ValueError(f"unknown SpAD terms {sorted(unknown)} (known: {TERMS})")
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f"SpAD weights must be >= 0 with at least one > 0, got {weights}")
+        total = sum(weights.values())
+        self.weights = {name: w / total for name, w in weights.items()}      # active terms sum to one
         self.active = [name for name in TERMS if self.weights[name] > 0]
+        self.spiking = isinstance(student_config, BiSpikCLMConfig)
         if self.needs_teacher and teacher_config is None:
             raise ValueError(f"SpAD terms {self.active} need a teacher")
         self.hard = HardTargetLoss()
@@ -201,12 +239,17 @@ class SpADLoss(nn.Module):
             return
         # Hugging Face configs map these names for every architecture (GPT-2: n_embd, n_layer)
         d_s, d_t = student_config.hidden_size, teacher_config.hidden_size
-        l_s, t_steps = student_config.num_hidden_layers, student_config.time_steps
+        l_s = student_config.num_hidden_layers
         self.map = layer_map(l_s, teacher_config.num_hidden_layers)
-        attn_neuron, block_neuron = student_config.neuron_kwargs("attn"), student_config.neuron_kwargs("block_in")
+        if self.spiking:
+            t_steps = student_config.time_steps
+            attn, block = student_config.neuron_kwargs("attn"), student_config.neuron_kwargs("block_in")
+            attn_rate, block_rate = (attn["beta"], attn["threshold"], t_steps), (block["beta"], block["threshold"], t_steps)
+        else:
+            attn_rate = block_rate = (None, None, None)
         self.emb = EmbeddingLoss(d_s, d_t)
-        self.attn = AttentionLoss(attn_neuron["beta"], attn_neuron["threshold"], t_steps)
-        self.feat = FeatureLoss(d_s, d_t, l_s, block_neuron["beta"], block_neuron["threshold"], t_steps)
+        self.attn = AttentionLoss(*attn_rate, targets=rate_targets)
+        self.feat = FeatureLoss(d_s, d_t, l_s, *block_rate, targets=rate_targets)
         self.soft = SoftTargetLoss(tau, vocab_chunk_size)
 
     @property
@@ -215,8 +258,11 @@ class SpADLoss(nn.Module):
 
     def student_outputs(self) -> dict[str, bool]:
         """Keyword arguments the student's forward needs for the active terms."""
-        return dict(output_hidden_states="emb" in self.active or "feat" in self.active,
-                    output_attentions="attn" in self.active, output_spike_rates="feat" in self.active)
+        wanted = dict(output_hidden_states="emb" in self.active or "feat" in self.active,
+                      output_attentions="attn" in self.active)
+        if self.spiking:
+            wanted["output_spike_rates"] = "feat" in self.active
+        return wanted
 
     def forward(self, student_out, teacher_out: TeacherOutput | None, input_ids: torch.Tensor):
         terms: dict[str, torch.Tensor] = {}
@@ -230,9 +276,10 @@ class SpADLoss(nn.Module):
             terms["attn"] = self.attn(student_out.attentions, [teacher_out.attentions[j - 1] for j in self.map])
         if "feat" in self.active:
             terms["feat"] = self.feat(
-                student_out.hidden_states[1:], student_out.spike_rates,
+                student_out.hidden_states[1:], getattr(student_out, "spike_rates", None),
                 [teacher_out.hidden_states[j] for j in self.map],
-                [teacher_out.hidden_states[0]] + [teacher_out.hidden_states[j] for j in self.map[:-1]])
+                [teacher_out.hidden_states[0]] + [teacher_out.hidden_states[j] for j in self.map[:-1]],
+                student_out.hidden_states[:-1])
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return loss, {name: value.detach() for name, value in terms.items()}
 

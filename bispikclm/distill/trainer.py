@@ -48,6 +48,7 @@ class TrainConfig:
     clip: float = 0.7
     weights: dict = field(default_factory=dict)   # SpAD λ per term (see losses.DEFAULT_WEIGHTS); 0 switches off
     tau: float = 2.0
+    rate_targets: str = "paper"             # Rate-MSE targets, see losses.RATE_TARGETS
     vocab_chunk_size: int = 8192
     seed: int = 0
     mixed_precision: str = "auto"           # "auto": bf16 on GPU, none on CPU; or "no", "bf16", "fp16"
@@ -129,7 +130,7 @@ class Trainer:
                 raise UserError(f"vocabulary mismatch: the student has {model.config.vocab_size} output tokens, the "
                                 f"teacher {teacher_vocab}")
         self.spad = SpADLoss(model.config, teacher.config if teacher is not None else None, config.weights,
-                             config.tau, config.vocab_chunk_size)
+                             config.tau, config.vocab_chunk_size, config.rate_targets)
         self.teacher = teacher.to(acc.device) if teacher is not None and self.spad.needs_teacher else None
         self.spiking = hasattr(model, "neurons")
         if config.spike_cost < 0 or (config.spike_cost > 0 and not self.spiking):
@@ -144,8 +145,9 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
-        if not config.spike_cost:   # checkpoints written before the setting existed still resume
-            del run["spike_cost"]
+        for name, default in (("spike_cost", 0.0), ("rate_targets", "paper")):
+            if run[name] == default:    # checkpoints written before the setting existed still resume
+                del run[name]
         self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
         self.step, self.bad_steps, self.skipped = 0, 0, 0
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -173,7 +175,7 @@ class Trainer:
         if self.spiking:
             extra["output_firing_rates"] = record_rates
         else:
-            extra.pop("output_spike_rates")
+            extra.pop("output_spike_rates", None)
         with self.cost.recording() if self.cost else contextlib.nullcontext():
             out = self.model(input_ids, use_cache=False, **extra)
             cost = self.cost.value(input_ids.numel()) if self.cost else None

@@ -108,6 +108,12 @@ class PackedEngine:
     def __init__(self, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> None:
         if backend not in BACKENDS:
             raise UserError(f"unknown engine backend {backend!r} (known: {sorted(BACKENDS)})")
+        cfg = model.config
+        if cfg.ffn_type != "mlp" or cfg.key_value_heads != cfg.num_attention_heads or cfg.head_dim is not None:
+            raise UserError("the packed engine runs OPT-style students only (no grouped-query attention or gated "
+                            "FFN yet); use --engine torch")
+        if any(n.learned for n in model.neurons().values()):
+            raise UserError("the packed engine does not run learned thresholds or leaks yet; use --engine torch")
         self.model = model.eval()
         self.config = cfg = model.config
         self.ops = BACKENDS[backend]

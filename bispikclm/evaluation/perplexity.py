@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
+from ..neurons import FiringRateRecorder
 from .models import check_context_length
 from .tasks import default_data_dir
 
@@ -114,25 +115,15 @@ def token_nll(model: PreTrainedModel, input_ids: torch.Tensor, head_chunk: int =
     return torch.cat(nll, dim=1)
 
 
-def record_firing(model: PreTrainedModel, on: bool) -> None:
-    """Start (reset counters) or stop counting spikes in every LIF neuron of a student."""
-    if isinstance(model, BiSpikCLMForCausalLM):
-        for neuron in model.neurons().values():
-            if on:
-                neuron.reset_stats()
-            neuron.record = on
-
-
-def firing_rates(model: PreTrainedModel) -> dict[str, float] | None:
-    """Spikes / neuron updates since :func:`record_firing` started: ``"all"`` over every neuron, and one entry per
-    kind of neuron over all layers (e.g. ``self_attn.attn_neuron``, the attention map). ``None`` for ANNs."""
-    if not isinstance(model, BiSpikCLMForCausalLM):
-        return None
+def firing_rates(recorder: FiringRateRecorder) -> dict[str, float]:
+    """Spikes / neuron updates counted by ``recorder``: ``"all"`` over every neuron, and one entry per kind of
+    neuron over all layers (e.g. ``self_attn.attn_neuron``, the attention map)."""
     counts: dict[str, list[float]] = {"all": [0.0, 0.0]}
-    for name, neuron in model.neurons().items():
+    for name, (fired, updates) in recorder.counts.items():
         for key in ("all", re.sub(r"^model\.layers\.\d+\.", "", name)):
-            spikes, updates = counts.setdefault(key, [0.0, 0.0])
-            counts[key] = [spikes + neuron.spike_count, updates + neuron.update_count]
+            total = counts.setdefault(key, [0.0, 0.0])
+            total[0] += fired
+            total[1] += updates
     return {key: spikes / max(updates, 1.0) for key, (spikes, updates) in counts.items()}
 
 
@@ -152,9 +143,9 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, context_length: 
     spans = windows(input_ids.numel(), context_length, stride)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    record_firing(model, True)
+    student = isinstance(model, BiSpikCLMForCausalLM)
     started = time.perf_counter()
-    try:
+    with FiringRateRecorder(model.neurons() if student else {}) as recorder:
         bar = tqdm(total=len(spans), desc=f"ppl @ {context_length}", unit="window", disable=not progress)
         for i in range(0, len(spans), batch_size):
             group = spans[i:i + batch_size]
@@ -168,10 +159,8 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor, context_length: 
                     total_tokens += end - first
             bar.update(len(group))
         bar.close()
-    finally:
-        seconds = time.perf_counter() - started
-        rates = firing_rates(model)
-        record_firing(model, False)
+    seconds = time.perf_counter() - started
+    rates = firing_rates(recorder) if student else None
     mean_nll = total_nll / total_tokens
     return PerplexityResult(context_length=context_length, stride=stride, perplexity=math.exp(mean_nll),
                             nll=mean_nll, tokens=total_tokens, windows=len(spans), seconds=seconds,

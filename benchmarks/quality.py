@@ -1,0 +1,165 @@
+"""Quality levers of the spiking student, settled at equal tokens with several seeds.
+
+Every variant distills the quickstart-shape student from the same frozen teacher (a converged quickstart teacher:
+``--teacher`` or the one ``bispikclm quickstart`` trained in ``--run-dir``) on the same data and token budget, once
+per seed (the seed sets the initialization and the data order), and is scored on WikiText-2 test perplexity
+(the quickstart's tokenization and windows). A variant is a list of recipe overrides (``section.key=value``) on
+the quickstart recipe. Writes ``results/quality.json`` (per run: perplexity, firing rates, wall time, tokens/s;
+per variant: mean, spread and the ratio to the teacher) and ``results/quality.png``.
+
+    python benchmarks/quality.py --run-dir runs/quickstart --tokens 600000 --seeds 0 1 2 --variants paper init_all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
+from bispikclm.configuration import BiSpikCLMConfig
+from bispikclm.data import pack
+from bispikclm.distill import TrainConfig, Trainer, load_teacher
+from bispikclm.distill.init import init_from_teacher
+from bispikclm.ann import same_shape_ann
+from bispikclm.evaluation.perplexity import perplexity
+from bispikclm.modeling import BiSpikCLMForCausalLM
+from bispikclm.recipes import load_recipe, merge, parse_overrides
+
+#: name -> (what it tests, recipe overrides). "paper" is the reference: random initialization, fixed neurons.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "paper": ("random init, fixed thresholds and leaks (the paper's setting)", []),
+    "ann": ("the ANN of the student's shape, same losses (no Rate-MSE), tokens, data order and seed",
+            ["student.kind=ann"]),
+    "init_embeddings": ("embeddings, head and final LayerNorm from the teacher", ["student.init=embeddings"]),
+    "init_all": ("embeddings and every block linear from the teacher (rescaled)", ["student.init=all"]),
+    "learn_threshold_group": ("one learned threshold per neuron module", ["student.learn_threshold=group"]),
+    "learn_threshold_channel": ("one learned threshold per channel", ["student.learn_threshold=channel"]),
+    "learn_beta": ("one learned leak per neuron module", ["student.learn_beta=group"]),
+    "surrogate_wide": ("arctan surrogate, alpha 1 (wider)", ["student.surrogate_alpha=1.0"]),
+    "surrogate_narrow": ("arctan surrogate, alpha 4 (narrower)", ["student.surrogate_alpha=4.0"]),
+    "lr_1e-3": ("learning rate 0.001", ["train.lr=0.001"]),
+    "lr_1e-2": ("learning rate 0.01", ["train.lr=0.01"]),
+    "ffn_mlp": ("Llama-style GQA student, two-matrix spiking MLP of width 512 (equal parameters)",
+                ["student.num_key_value_heads=2", "student.ffn_type=mlp", "student.ffn_dim=512"]),
+    "ffn_select": ("Llama-style GQA student, gated SFFN (select) of width 344",
+                   ["student.num_key_value_heads=2", "student.ffn_type=gated", "student.ffn_gate=select",
+                    "student.ffn_dim=344"]),
+    "ffn_and": ("Llama-style GQA student, gated SFFN (and) of width 344",
+                ["student.num_key_value_heads=2", "student.ffn_type=gated", "student.ffn_gate=and",
+                 "student.ffn_dim=344"]),
+}
+
+
+def build_student(teacher, recipe: dict):
+    """The student a recipe describes (``student.kind``, ``student.init`` and BiSpikCLMConfig overrides)."""
+    section = dict(recipe["student"])
+    kind, init = section.pop("kind", "spiking"), section.pop("init", "random")
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **section)
+    if kind == "ann":
+        return same_shape_ann(config, attn_implementation="eager")
+    student = BiSpikCLMForCausalLM(config)
+    init_from_teacher(student, teacher, init)
+    return student
+
+
+def summarize(rows: list[dict], teacher_ppl: float) -> dict:
+    ppl = [r["test_ppl"] for r in rows]
+    mean = statistics.fmean(ppl)
+    return {"runs": len(rows), "test_ppl_mean": mean, "test_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
+            "test_ppl_min": min(ppl), "test_ppl_max": max(ppl), "ratio_to_teacher": mean / teacher_ppl,
+            "firing_rate_mean": (statistics.fmean(r["firing_rate"] for r in rows)
+                                 if rows[0]["firing_rate"] is not None else None),
+            "train_wall_s_mean": statistics.fmean(r["train_wall_s"] for r in rows)}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["variants"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4), constrained_layout=True)
+    for i, name in enumerate(names):
+        ppl = [r["test_ppl"] for r in results["runs"] if r["variant"] == name]
+        ax.scatter([i] * len(ppl), ppl, color="tab:blue", s=14)
+        ax.errorbar(i, results["variants"][name]["test_ppl_mean"], yerr=results["variants"][name]["test_ppl_std"],
+                    fmt="_", color="black", capsize=4)
+    ax.axhline(results["teacher_ppl"], color="tab:green", linestyle="--", label=f"teacher {results['teacher_ppl']:.1f}")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("WikiText-2 test perplexity")
+    ax.set_title(f"equal tokens ({results['student_tokens']:,}), {len(results['seeds'])} seeds each")
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    from bispikclm.data import default_data_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(default_data_dir()))
+    parser.add_argument("--run-dir", default="runs/quickstart", help="quickstart run folder with the teacher")
+    parser.add_argument("--teacher", help="saved teacher folder (default: RUN_DIR/teacher/model)")
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--results", default="results/quality.json")
+    parser.add_argument("--tokens", type=int, help="student tokens per run (default: the quickstart's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["paper"], choices=list(VARIANTS))
+    parser.add_argument("--eval-windows", type=int, help="test windows to score (default: the whole test set)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="an override applied to every variant")
+    args = parser.parse_args()
+
+    base = merge(load_recipe("quickstart"), parse_overrides(args.set))
+    if args.tokens:
+        base["train"]["tokens"] = args.tokens
+    teacher = load_teacher(args.teacher or str(Path(args.run_dir) / "teacher" / "model"))
+    tokenizer, ids = wikitext_ids(Path(args.data), base["tokenizer"]["vocab_size"], Path.home() / ".cache" / "bispikclm")
+    context = base["train"]["seq_len"]
+    train_seqs, val_seqs = pack(ids["train"], context), pack(ids["valid"], context)
+    test = ids["test"][: args.eval_windows * context] if args.eval_windows else ids["test"]
+    teacher_ppl = perplexity(teacher.eval(), test, context, batch_size=16, progress=False).perplexity
+    results_path = Path(args.results)
+    results = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "teacher": str(teacher.name_or_path),
+               "teacher_ppl": teacher_ppl, "unigram_ppl": unigram_perplexity(ids["train"], test, len(tokenizer), context),
+               "test_tokens": int(pack(test, context)[:, 1:].numel()), "student_tokens": base["train"]["tokens"],
+               "seeds": args.seeds, "recipe": base, "descriptions": {}, "runs": [], "variants": {}}
+    for name in args.variants:
+        description, overrides = VARIANTS[name]
+        results["descriptions"][name] = {"what": description, "overrides": overrides}
+        recipe = merge(base, parse_overrides(overrides))
+        for seed in args.seeds:
+            cfg = TrainConfig.from_dict({**recipe["train"], "seed": seed})
+            torch.manual_seed(seed)
+            student = build_student(teacher, recipe)
+            folder = Path(args.out) / f"{name}-seed{seed}"
+            shutil.rmtree(folder, ignore_errors=True)
+            wall = time.perf_counter()
+            final = Trainer(student, cfg, train_seqs, val_seqs, folder, teacher=teacher, progress=False).fit()
+            wall = time.perf_counter() - wall
+            scored = perplexity(student.eval(), test, context, batch_size=16, progress=False)
+            row = {"variant": name, "seed": seed, "test_ppl": scored.perplexity, "firing_rate": scored.firing_rate,
+                   "firing_rates": scored.firing_rates, "train_wall_s": wall, "tokens_per_s": final["tokens_per_s"]}
+            results["runs"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "firing_rates"}), flush=True)
+        rows = [r for r in results["runs"] if r["variant"] == name]
+        results["variants"][name] = summarize(rows, teacher_ppl)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))   # written after every variant: nothing is lost
+    plot(results, results_path.with_suffix(".png"))
+    for name, row in results["variants"].items():
+        rate = "" if row["firing_rate_mean"] is None else f", firing rate {row['firing_rate_mean']:.3f}"
+        print(f"{name:26s} {row['test_ppl_mean']:8.2f} ± {row['test_ppl_std']:.2f} (x{row['ratio_to_teacher']:.2f} "
+              f"the teacher's {teacher_ppl:.2f}){rate}")
+
+
+if __name__ == "__main__":
+    main()
