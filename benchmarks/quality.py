@@ -62,9 +62,8 @@ def build_student(teacher, recipe: dict):
     section = dict(recipe["student"])
     kind, init = section.pop("kind", "spiking"), section.pop("init", "random")
     config = BiSpikCLMConfig.from_teacher_config(teacher.config, **section)
-    if kind == "ann":
-        return same_shape_ann(config, attn_implementation="eager")
-    student = BiSpikCLMForCausalLM(config)
+    student = (same_shape_ann(config, attn_implementation="eager") if kind == "ann"
+               else BiSpikCLMForCausalLM(config))
     init_from_teacher(student, teacher, init)
     return student
 

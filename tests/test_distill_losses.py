@@ -218,3 +218,17 @@ def test_matched_feature_targets_drive_the_neuron_on_the_students_own_scale():
     args = ([teacher_state], [own_rate], [teacher_state], [teacher_state], [student_input])
     assert float(matched(*args)) == pytest.approx(0.0, abs=1e-6)
     assert float(paper(*args)) > 0.01
+
+
+def test_ann_student_starts_from_the_same_teacher_information(data_dir, tmp_path):
+    from bispikclm.ann import same_shape_ann
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(make_teacher("opt", tmp_path / "t", make_tokenizer(
+        data_dir, tmp_path / "tok"))))
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config)
+    ann = same_shape_ann(config)
+    init_from_teacher(ann, teacher, "all")                      # same shape, same family: the teacher itself
+    ids = torch.randint(0, config.vocab_size, (1, 20))
+    assert torch.equal(ann(ids).logits, teacher(ids).logits)
+    narrow = same_shape_ann(BiSpikCLMConfig.from_teacher_config(teacher.config, hidden_size=16))
+    assert init_from_teacher(narrow, teacher, "all") == ["token embedding", "position embedding"]

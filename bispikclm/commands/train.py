@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     kind, init = student_section.pop("kind", "spiking"), student_section.pop("init", "random")
     if kind not in STUDENT_KINDS:
         raise UserError(f"student.kind must be one of {STUDENT_KINDS}, got {kind!r}")
-    if init not in INIT_MODES or (init != "random" and kind != "spiking"):
-        raise UserError(f"student.init must be one of {INIT_MODES} (spiking students), got {init!r}")
+    if init not in INIT_MODES:
+        raise UserError(f"student.init must be one of {INIT_MODES}, got {init!r}")
     if "max_position_embeddings" not in student_section and has_rotary_positions(teacher.config):
         student_section["max_position_embeddings"] = config.seq_len    # a learned table sized to the context
     student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section)

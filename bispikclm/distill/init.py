@@ -12,6 +12,10 @@ initialization, METHOD §5).
 The student's ``input_gain`` is reset so that the embedding current again has unit standard deviation.
 OPT, Llama-family (Llama, SmolLM, Qwen, Mistral) and GPT-2 teachers are recognised; GPT-2's fused attention
 projection is not copied into blocks.
+
+An ANN student (:mod:`bispikclm.ann`) is initialized the same way, so that both students start from the same
+information: ``"embeddings"`` sets its token and position embeddings and final norm, ``"all"`` also copies every
+weight when the student has the teacher's architecture and shape (it then starts as the teacher itself).
 """
 
 from __future__ import annotations
@@ -59,13 +63,16 @@ def _principal_directions(table: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_from_teacher(student: BiSpikCLMForCausalLM, teacher: nn.Module, mode: str = "all") -> list[str]:
-    """Copy ``teacher``'s weights into ``student`` as described in the module docstring; returns the student
-    parameters that were set. ``mode``: ``"embeddings"`` or ``"all"`` (``"random"`` does nothing)."""
+def init_from_teacher(student: nn.Module, teacher: nn.Module, mode: str = "all") -> list[str]:
+    """Copy ``teacher``'s weights into ``student`` (a :class:`BiSpikCLMForCausalLM` or an ANN student) as
+    described in the module docstring; returns the student parameters that were set. ``mode``: ``"embeddings"``
+    or ``"all"`` (``"random"`` does nothing)."""
     if mode not in INIT_MODES:
         raise ValueError(f"init mode must be one of {INIT_MODES}, got {mode!r}")
     if mode == "random":
         return []
+    if not isinstance(student, BiSpikCLMForCausalLM):
+        return _init_ann(student, teacher, mode)
     parts, cfg = _teacher_parts(teacher), student.config
     tok_t = teacher.get_input_embeddings().weight
     if tok_t.shape[0] != cfg.vocab_size:
@@ -117,4 +124,33 @@ def _copy_blocks(student: BiSpikCLMForCausalLM, teacher_blocks: nn.ModuleList, n
             if module.bias is not None and getattr(theirs, "bias", None) is not None:
                 module.bias.copy_(theirs.bias * scale)
                 done.append(f"model.layers.{i}.{name}.bias")
+    return done
+
+
+def _init_ann(student: nn.Module, teacher: nn.Module, mode: str) -> list[str]:
+    """:func:`init_from_teacher` for an ANN student (OPT or Llama family)."""
+    ours, theirs = _teacher_parts(student), _teacher_parts(teacher)
+    tok_s, tok_t = student.get_input_embeddings().weight, teacher.get_input_embeddings().weight
+    if tok_s.shape[0] != tok_t.shape[0]:
+        raise ValueError(f"the teacher has {tok_t.shape[0]} token embeddings, the student {tok_s.shape[0]}")
+    params = dict(teacher.named_parameters())
+    if mode == "all" and all(name in params and params[name].shape == p.shape for name, p in student.named_parameters()):
+        for name, p in student.named_parameters():
+            p.copy_(params[name])
+        return [name for name, _ in student.named_parameters()]
+    directions = None if tok_s.shape[1] == tok_t.shape[1] else _principal_directions(tok_t, tok_s.shape[1])
+
+    def project(table: torch.Tensor) -> torch.Tensor:
+        return table.float() if directions is None else table.float() @ directions
+
+    tok_s.copy_(project(tok_t))
+    done = ["token embedding"]
+    if ours["positions"] is not None and theirs["positions"] is not None:
+        rows = min(ours["positions"].shape[0] - ours["offset"], theirs["positions"].shape[0] - theirs["offset"])
+        ours["positions"][ours["offset"]:ours["offset"] + rows].copy_(
+            project(theirs["positions"][theirs["offset"]:theirs["offset"] + rows]))
+        done.append("position embedding")
+    if directions is None and ours["norm"].weight.shape == theirs["norm"].weight.shape:
+        ours["norm"].weight.copy_(theirs["norm"].weight)
+        done.append("final norm")
     return done
