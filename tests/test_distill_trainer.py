@@ -188,3 +188,32 @@ def test_spike_cost_term_trains_towards_fewer_costly_spikes(setup, tmp_path, cap
     assert main(["train", str(recipe), "--out", str(tmp_path / "neg"), "--no-progress", "--set",
                  "train.spike_cost=-1"]) == 2
     assert "spike_cost must be >= 0" in error_line(capsys)
+
+
+def test_early_stopping_keeps_the_best_weights_and_resumes_stopped(setup):
+    """A learning rate far too high makes the validation loss worse after the first evaluations: training stops
+    after `early_stopping` evaluations without improvement (not before `min_tokens`), the final model is the best
+    evaluated one, and a resumed run stays stopped."""
+    root, teacher, data_dir = setup
+    root = root / "early"
+    root.mkdir()
+    recipe = write_recipe(root / "early.yaml", teacher, data_dir, tokens=4 * 32 * 60, eval_every=2,
+                          early_stopping=2, min_tokens=4 * 32 * 10, lr=0.3, warmup_ratio=0.0, clip=0.0)
+    done = cli("train", str(recipe), "--out", str(root / "run"))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_loss" in r]
+    last_step = max(r["step"] for r in rows if "loss" in r)
+    assert last_step < 60 and last_step >= 10, last_step
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert all(r["val_loss"] >= best["val_loss"] for r in evals[-2:]) and evals[-1]["step"] == last_step
+    final = json.loads((root / "run" / "final.json").read_text())
+    assert final["stopped_early"] and final["val_loss"] == pytest.approx(best["val_loss"])
+    best_weights, final_weights = load_file(str(root / "run" / "best" / "model.safetensors")), weights(root / "run")
+    common = set(best_weights) & set(final_weights)    # tied weights are stored under one of their names
+    assert len(common) >= len(final_weights) - 1
+    assert all(torch.equal(best_weights[k], final_weights[k]) for k in common)
+    again = cli("train", str(recipe), "--out", str(root / "run"), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert max(r["step"] for r in (json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r) == last_step

@@ -1,9 +1,13 @@
-"""``bispikclm quickstart``: train a small OPT teacher on WikiText-2, distill a same-shape BiSpikCLM student with
-SpAD, and compare both (and a unigram model) on WikiText-2 test perplexity.
+"""``bispikclm quickstart``: train a small OPT teacher on WikiText-2 to convergence, distill a same-shape BiSpikCLM
+student with SpAD and, beside it, an ANN of exactly the student's shape with the same losses, tokens, data order and
+seed, and compare all three (and a unigram model) on WikiText-2 test perplexity.
 
-Run folder: ``tokenizer/``, ``teacher/`` and ``student/`` (each: ``model/`` with its tokenizer, ``metrics.jsonl``,
-``checkpoints/``), ``results.json``, ``loss_curves.png`` and ``report/`` (energy against the teacher, MatMul-free
-audit, firing-pattern pictures, ``report.html``; see ``bispikclm report``).
+The teacher trains until its validation loss stops improving (early stopping, and never fewer tokens than the
+students see), so the teacher is the ceiling and the ANN student measures the price of spikes at equal everything.
+
+Run folder: ``tokenizer/``, ``teacher/``, ``student/`` and ``ann_student/`` (each: ``model/`` with its tokenizer,
+``metrics.jsonl``, ``checkpoints/``), ``results.json``, ``loss_curves.png`` and ``report/`` (energy against the
+teacher, MatMul-free audit, firing-pattern pictures, ``report.html``; see ``bispikclm report``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig
 from ..data import encode, load_texts, pack, train_tokenizer, unigram_log_probs
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
@@ -37,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-tokens", type=int, help="teacher training tokens (recipe: teacher_train.tokens)")
     parser.add_argument("--student-tokens", type=int, help="student distillation tokens (recipe: train.tokens)")
     parser.add_argument("--time-steps", type=int, help="student time steps T (recipe: student.time_steps)")
+    parser.add_argument("--no-ann-student", action="store_true",
+                        help="skip the same-shape ANN student (the price-of-spikes baseline)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any recipe value, e.g. --set teacher.num_hidden_layers=4 --set train.lr=0.002 "
                              "--set train.weights.soft=0 (repeatable)")
@@ -87,8 +94,9 @@ def plot_curves(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, name in zip(axes, ("teacher", "student")):
+    names = [n for n in ("teacher", "ann_student", "student") if (out / n / "metrics.jsonl").is_file()]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4))
+    for ax, name in zip(axes, names):
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "loss" in r]
         for key in sorted({k for r in steps for k in r if k == "loss" or k.startswith("loss_")}):
@@ -125,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     timings["data_s"] = time.perf_counter() - start
 
     teacher_cfg, student_cfg = TrainConfig.from_dict(recipe["teacher_train"]), TrainConfig.from_dict(recipe["train"])
+    if teacher_cfg.early_stopping:    # a converged teacher: never fewer tokens than the students see
+        teacher_cfg.min_tokens = max(teacher_cfg.min_tokens, student_cfg.tokens)
     context = teacher_cfg.seq_len
     train_seqs, val_seqs = pack(ids["train"], context), pack(ids["valid"], context)
     progress = not args.no_progress
@@ -140,28 +150,39 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_teacher(str(out / "teacher" / "model"))
     check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
 
-    start = time.perf_counter()
-    torch.manual_seed(student_cfg.seed)
     config = BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe["student"])
-    student = BiSpikCLMForCausalLM(config)
-    distilled = Trainer(student, student_cfg, train_seqs, val_seqs, out / "student", teacher=teacher,
-                        progress=progress, tokenizer=tokenizer).fit()
-    timings["student_train_s"] = time.perf_counter() - start
+    students = {"student": None} if args.no_ann_student else {"ann_student": None, "student": None}
+    runs = {}
+    for name in students:   # the same seed, data order, losses and tokens for both students
+        start = time.perf_counter()
+        torch.manual_seed(student_cfg.seed)
+        model = (BiSpikCLMForCausalLM(config) if name == "student"
+                 else same_shape_ann(config, attn_implementation="eager"))
+        runs[name] = Trainer(model, student_cfg, train_seqs, val_seqs, out / name, teacher=teacher,
+                             progress=progress, tokenizer=tokenizer).fit()
+        students[name] = model
+        timings[f"{name}_train_s"] = time.perf_counter() - start
+    distilled = runs["student"]
 
     start = time.perf_counter()
     test = ids["test"][: args.test_tokens]
-    teacher_result = perplexity(teacher.eval(), test, context, batch_size=16, progress=progress)
-    student_result = perplexity(student.eval(), test, context, batch_size=16, progress=progress)
+    scored = {name: perplexity(model.eval(), test, context, batch_size=16, progress=progress)
+              for name, model in {"teacher": teacher, **students}.items()}
     results = {
-        "teacher_ppl": teacher_result.perplexity,
-        "student_ppl": student_result.perplexity,
+        "teacher_ppl": scored["teacher"].perplexity,
+        "student_ppl": scored["student"].perplexity,
         "unigram_ppl": unigram_perplexity(ids["train"], test, len(tokenizer), context),
-        "student_firing_rates": student_result.firing_rates,
-        "test_tokens": teacher_result.tokens,
+        "student_firing_rates": scored["student"].firing_rates,
+        "test_tokens": scored["teacher"].tokens,
         "teacher_tokens_per_s": trained["tokens_per_s"], "student_tokens_per_s": distilled["tokens_per_s"],
         "teacher_train_tokens": trained["tokens"], "student_train_tokens": distilled["tokens"],
+        "teacher_stopped_early": trained["stopped_early"], "teacher_val_ppl": trained.get("val_ppl"),
         "student_skipped_steps": distilled["skipped_steps"],
     }
+    if "ann_student" in scored:
+        results.update(ann_student_ppl=scored["ann_student"].perplexity,
+                       ann_student_train_tokens=runs["ann_student"]["tokens"],
+                       ann_student_tokens_per_s=runs["ann_student"]["tokens_per_s"])
     timings["eval_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -177,30 +198,43 @@ def run(args: argparse.Namespace) -> int:
     results["report"] = str(report_html)
     timings["report_s"] = time.perf_counter() - start
     results["ratio"] = results["student_ppl"] / results["teacher_ppl"]
+    if "ann_student_ppl" in results:
+        results["ratio_to_ann_student"] = results["student_ppl"] / results["ann_student_ppl"]
+        results["ann_student_ratio"] = results["ann_student_ppl"] / results["teacher_ppl"]
     results.update(timings, recipe=recipe)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_curves(out)
-
-    cost = results["energy"]
-    print(f"\nWikiText-2 test ({results['test_tokens']:,} scored tokens, windows of {context}); energy per token "
-          f"counted on {cost['tokens']} tokens (45 nm: MAC 4.6 pJ, AC 0.9 pJ, head included):")
-    print(f"  {'model':<28}{'perplexity':>12}{'energy / token':>18}")
-    print(f"  {'unigram (add-one)':<28}{results['unigram_ppl']:>12.1f}")
-    print(f"  {'OPT teacher':<28}{results['teacher_ppl']:>12.1f}{cost['teacher_mj_per_token'] * 1e6:>15.1f} nJ")
-    print(f"  {f'BiSpikCLM student (T={config.time_steps})':<28}{results['student_ppl']:>12.1f}"
-          f"{cost['student_mj_per_token'] * 1e6:>15.1f} nJ")
-    print(f"  student / teacher: perplexity x{results['ratio']:.2f}, energy {100 * cost['ratio']:.1f}% "
-          f"(blocks without the head: {100 * cost['blocks_ratio']:.1f}%; the "
-          f"{'spiking' if config.spiking_head else 'float'} head is "
-          f"{cost['head_percent_of_student']:.0f}% of the student's energy)")
+    print_table(results, context, config.time_steps, config.spiking_head)
     rates = results["student_firing_rates"]
     print("student firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     print(f"MatMul-free audit of the blocks: {'clean' if results['audit_blocks_clean'] else 'NOT CLEAN'}")
-    print(f"time: data {timings['data_s']:.0f} s, teacher {timings['teacher_train_s']:.0f} s "
-          f"({trained['tokens_per_s']:.0f} tok/s), student {timings['student_train_s']:.0f} s "
-          f"({distilled['tokens_per_s']:.0f} tok/s), eval {timings['eval_s']:.0f} s, report {timings['report_s']:.0f} s")
+    print("time: " + ", ".join(f"{k[:-2].replace('_train', '')} {v:.0f} s" for k, v in timings.items()))
     print(f"report: {report_html}  (results: {out / 'results.json'})")
     return 0 if results["audit_blocks_clean"] else 1
+
+
+def print_table(results: dict, context: int, time_steps: int, spiking_head: bool) -> None:
+    """The quickstart's table: unigram, teacher, ANN student and spiking student, with both ratios."""
+    cost = results["energy"]
+    print(f"\nWikiText-2 test ({results['test_tokens']:,} scored tokens, windows of {context}); energy per token "
+          f"counted on {cost['tokens']} tokens (45 nm: MAC 4.6 pJ, AC 0.9 pJ, head included):")
+    print(f"  {'model':<32}{'train tokens':>14}{'perplexity':>12}{'energy / token':>18}")
+    print(f"  {'unigram (add-one)':<32}{'':>14}{results['unigram_ppl']:>12.1f}")
+    stop = "early stop" if results.get("teacher_stopped_early") else "token cap"
+    print(f"  {f'OPT teacher ({stop})':<32}{results['teacher_train_tokens']:>14,}{results['teacher_ppl']:>12.1f}"
+          f"{cost['teacher_mj_per_token'] * 1e6:>15.1f} nJ")
+    if "ann_student_ppl" in results:
+        print(f"  {'ANN student (same shape)':<32}{results['ann_student_train_tokens']:>14,}"
+              f"{results['ann_student_ppl']:>12.1f}{cost['teacher_mj_per_token'] * 1e6:>15.1f} nJ")
+    print(f"  {f'BiSpikCLM student (T={time_steps})':<32}{results['student_train_tokens']:>14,}"
+          f"{results['student_ppl']:>12.1f}{cost['student_mj_per_token'] * 1e6:>15.1f} nJ")
+    line = f"  spiking / teacher: perplexity x{results['ratio']:.2f}"
+    if "ratio_to_ann_student" in results:
+        line += f"; spiking / ANN student (the price of spikes): x{results['ratio_to_ann_student']:.2f}"
+    print(line)
+    print(f"  energy, spiking / teacher: {100 * cost['ratio']:.1f}% (blocks without the head: "
+          f"{100 * cost['blocks_ratio']:.1f}%; the {'spiking' if spiking_head else 'float'} head is "
+          f"{cost['head_percent_of_student']:.0f}% of the student's energy)")
 
 
 def head_share(energy: dict) -> float:

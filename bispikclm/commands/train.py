@@ -24,7 +24,10 @@ from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
 
-SECTIONS = ("teacher", "tokenizer", "data", "student", "train")
+SECTIONS = ("teacher", "tokenizer", "data", "student", "train", "teacher_cache")
+# teacher_cache: {folder: DIR, top_k: K, batch_size: B}: run the teacher once over the training sequences and keep
+# what the losses need (bispikclm.distill.teacher_cache); students sharing the folder share the teacher pass
+CACHE_FIELDS = ("folder", "top_k", "batch_size")
 # student.kind: the spiking student, or the ANN of exactly its shape (bispikclm.ann), the baseline for the price of
 # spikes: the same teacher, losses, tokens, data order and seed
 STUDENT_KINDS = ("spiking", "ann")
@@ -104,9 +107,13 @@ def run(args: argparse.Namespace) -> int:
                else same_shape_ann(student_config, attn_implementation="eager"))
     if init != "random":
         init_from_teacher(student, teacher, init)
+    cache = None
+    if recipe.get("teacher_cache") is not None:
+        cache = build_teacher_cache(recipe["teacher_cache"], teacher, student, config, train_seqs, args.out,
+                                    str(recipe["teacher"]), progress=not args.no_progress)
     trainer = Trainer(student, config, train_seqs, val_seqs, args.out, teacher=teacher,
                       fingerprint={"teacher": str(recipe["teacher"])}, progress=not args.no_progress,
-                      tokenizer=tokenizer)
+                      tokenizer=tokenizer, teacher_cache=cache)
     final = trainer.fit(resume=args.resume)
     if trainer.accelerator.is_main_process:
         (Path(args.out) / "final.json").write_text(json.dumps(final, indent=1))
@@ -114,3 +121,26 @@ def run(args: argparse.Namespace) -> int:
                    if k in final}
         print(json.dumps(summary))
     return 0
+
+
+def build_teacher_cache(section: dict, teacher, student, config: TrainConfig, train_seqs, out: str, teacher_name: str,
+                        progress: bool = True):
+    """The recipe's ``teacher_cache`` section: build (or reuse, or resume) the cache of the teacher's outputs over
+    ``train_seqs`` that the student's losses need."""
+    from accelerate import PartialState
+
+    from ..distill.losses import SpADLoss
+    from ..distill.teacher_cache import CacheSpec, TeacherCache
+
+    section = dict(section or {})
+    unknown = set(section) - set(CACHE_FIELDS)
+    if unknown:
+        raise UserError(f"unknown teacher_cache settings {sorted(unknown)} (known: {CACHE_FIELDS})")
+    spad = SpADLoss(student.config, teacher.config, config.weights, config.tau, rate_targets=config.rate_targets)
+    if not spad.needs_teacher:
+        return None
+    spec = CacheSpec.for_loss(spad, student.config, teacher.config, int(section.get("top_k", 64)))
+    folder = Path(section.get("folder") or Path(out) / "teacher_cache")
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        return TeacherCache.build(teacher, train_seqs, folder, spec, teacher_name,
+                                  batch_size=int(section.get("batch_size", 8)), progress=progress)

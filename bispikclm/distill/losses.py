@@ -28,6 +28,7 @@ Each term is a small module. Chosen details where the method is silent:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -190,15 +191,45 @@ class _ChunkedKL(torch.autograd.Function):
         return grad_student, None, None, None
 
 
+@dataclass
+class TopKLogits:
+    """The teacher's ``k`` largest logits per position: ``values`` ``[B, N, k]`` and their token ``indices``
+    (what :mod:`bispikclm.distill.teacher_cache` keeps instead of the whole vocabulary)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def topk_kl(student_logits: torch.Tensor, teacher: TopKLogits, tau: float, chunk: int = 8192) -> torch.Tensor:
+    """τ²·mean over positions of KL(p_t ‖ p_s), where ``p_t`` is the teacher's tempered distribution restricted to
+    its top ``k`` tokens (renormalized over them) and ``p_s`` the student's tempered distribution over the whole
+    vocabulary, read at those tokens. ``student_logits`` ``[B, N, V]``."""
+    v = student_logits.shape[-1]
+    s = student_logits.reshape(-1, v)
+    lse = _chunked_logsumexp_grad(s, tau, chunk)
+    log_s = s.gather(-1, teacher.indices.reshape(s.shape[0], -1)).float() / tau - lse[:, None]
+    log_t = torch.log_softmax(teacher.values.reshape(s.shape[0], -1).float() / tau, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * tau**2
+
+
+def _chunked_logsumexp_grad(logits: torch.Tensor, tau: float, chunk: int) -> torch.Tensor:
+    """``logsumexp(logits / τ)`` over the last dimension in float32, one vocabulary chunk at a time, with autograd."""
+    parts = [torch.logsumexp(logits[:, i:i + chunk].float() / tau, dim=-1) for i in range(0, logits.shape[-1], chunk)]
+    return torch.logsumexp(torch.stack(parts, dim=-1), dim=-1)
+
+
 class SoftTargetLoss(nn.Module):
     """L_soft: τ²·KL(softmax(z_teacher/τ) ‖ softmax(z_student/τ)), averaged over positions, computed in chunks
-    of ``chunk_size`` vocabulary entries. Logits ``[B, N, V]``."""
+    of ``chunk_size`` vocabulary entries. Logits ``[B, N, V]``; the teacher's may be :class:`TopKLogits` (then
+    :func:`topk_kl`)."""
 
     def __init__(self, tau: float = 2.0, chunk_size: int = 8192) -> None:
         super().__init__()
         self.tau, self.chunk_size = tau, chunk_size
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
+        if isinstance(teacher_logits, TopKLogits):
+            return topk_kl(student_logits, teacher_logits, self.tau, self.chunk_size)
         v = student_logits.shape[-1]
         return _ChunkedKL.apply(student_logits.reshape(-1, v), teacher_logits.detach().reshape(-1, v),
                                 self.tau, self.chunk_size)

@@ -55,6 +55,8 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0                     # 0: only at the end
     eval_batches: int = 8
+    early_stopping: int = 0                 # stop after this many evaluations without a better val loss (0: off)
+    min_tokens: int = 0                     # never stop early before this many tokens
     save_every: int = 0                     # 0: only at the end
     keep_checkpoints: int = 2
     max_bad_steps: int = 5                  # stop after this many NaN/Inf steps in a row
@@ -106,7 +108,8 @@ class Trainer:
     ``tokenizer`` saved beside it when given, so that the folder loads on its own)."""
 
     def __init__(self, model, config: TrainConfig, train_data: torch.Tensor, val_data: torch.Tensor | None,
-                 out_dir: str | Path, teacher=None, fingerprint: dict | None = None, progress: bool = True, tokenizer=None) -> None:
+                 out_dir: str | Path, teacher=None, fingerprint: dict | None = None, progress: bool = True, tokenizer=None,
+                 teacher_cache=None) -> None:
         self.config, self.out_dir, self.progress = config, Path(out_dir), progress
         self.tokenizer = tokenizer
         mixed = config.mixed_precision
@@ -131,6 +134,13 @@ class Trainer:
                                 f"teacher {teacher_vocab}")
         self.spad = SpADLoss(model.config, teacher.config if teacher is not None else None, config.weights,
                              config.tau, config.vocab_chunk_size, config.rate_targets)
+        self.teacher_cache = teacher_cache if self.spad.needs_teacher else None
+        if self.teacher_cache is not None:   # the teacher's outputs are read from the cache, the teacher never runs
+            from .teacher_cache import CacheSpec
+
+            self.teacher_cache.check(train_data, CacheSpec.for_loss(self.spad, model.config, teacher.config,
+                                                                    self.teacher_cache.spec.top_k))
+            teacher = None
         self.teacher = teacher.to(acc.device) if teacher is not None and self.spad.needs_teacher else None
         self.spiking = hasattr(model, "neurons")
         if config.spike_cost < 0 or (config.spike_cost > 0 and not self.spiking):
@@ -145,11 +155,12 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
-        for name, default in (("spike_cost", 0.0), ("rate_targets", "paper")):
+        for name, default in (("spike_cost", 0.0), ("rate_targets", "paper"), ("early_stopping", 0), ("min_tokens", 0)):
             if run[name] == default:    # checkpoints written before the setting existed still resume
                 del run[name]
         self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
         self.step, self.bad_steps, self.skipped = 0, 0, 0
+        self.best_val, self.evals_since_best, self.stopped = math.inf, 0, False   # early stopping (checkpointed)
         self._perm: tuple[int, torch.Tensor] | None = None
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -162,15 +173,18 @@ class Trainer:
             self._perm = (epoch, torch.randperm(n, generator=gen))
         return int(self._perm[1][k % n])
 
-    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
-        """This process's share ``[micro_batch_size, seq_len]`` of micro-step ``micro`` of optimizer step ``step``."""
+    def micro_indices(self, step: int, micro: int) -> list[int]:
+        """Indices of this process's share of micro-step ``micro`` of optimizer step ``step``."""
         acc = self.accelerator
         first = step * self.config.batch_size + (micro * acc.num_processes + acc.process_index) * self.micro
-        idx = [self._sample(k) for k in range(first, first + self.micro)]
-        return self.train_data[idx].to(acc.device)
+        return [self._sample(k) for k in range(first, first + self.micro)]
+
+    def micro_batch(self, step: int, micro: int) -> torch.Tensor:
+        """This process's share ``[micro_batch_size, seq_len]`` of micro-step ``micro`` of optimizer step ``step``."""
+        return torch.as_tensor(self.train_data[self.micro_indices(step, micro)]).to(self.accelerator.device)
 
     # ---- one step ---------------------------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, record_rates: bool):
+    def _forward(self, input_ids: torch.Tensor, record_rates: bool, indices: list[int] | None = None):
         extra = self.spad.student_outputs()
         if self.spiking:
             extra["output_firing_rates"] = record_rates
@@ -179,7 +193,10 @@ class Trainer:
         with self.cost.recording() if self.cost else contextlib.nullcontext():
             out = self.model(input_ids, use_cache=False, **extra)
             cost = self.cost.value(input_ids.numel()) if self.cost else None
-        teacher_out = teacher_forward(self.teacher, input_ids) if self.teacher is not None else None
+        if self.teacher_cache is not None:
+            teacher_out = self.teacher_cache.outputs(indices, input_ids.device)
+        else:
+            teacher_out = teacher_forward(self.teacher, input_ids) if self.teacher is not None else None
         loss, terms = self.spad(out, teacher_out, input_ids)
         if cost is not None:
             terms["cost"] = cost.detach()
@@ -196,7 +213,9 @@ class Trainer:
         for m in range(self.accum):
             sync = contextlib.nullcontext() if m == self.accum - 1 else acc.no_sync(self.model)
             with sync:
-                out, (loss, terms) = self._forward(self.micro_batch(self.step, m), cfg.firing_rates and m == 0)
+                idx = self.micro_indices(self.step, m)
+                input_ids = torch.as_tensor(self.train_data[idx]).to(acc.device)
+                out, (loss, terms) = self._forward(input_ids, cfg.firing_rates and m == 0, idx)
                 acc.backward(loss / self.accum)
             for name, value in {"loss": loss.detach(), **terms}.items():
                 totals[name] = totals.get(name, 0.0) + value.float() / self.accum
@@ -242,6 +261,31 @@ class Trainer:
         loss = float(torch.stack(losses).mean())
         return {"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
+    # ---- early stopping ---------------------------------------------------------------------------------------
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best" / "model.safetensors"
+
+    def _track_best(self, val_loss: float) -> bool:
+        """Keep the weights with the lowest validation loss (``best/model.safetensors``, written atomically) and
+        return whether training should stop: ``early_stopping`` evaluations in a row without improvement, once
+        ``min_tokens`` tokens are behind."""
+        cfg = self.config
+        if not cfg.early_stopping:
+            return False
+        if val_loss < self.best_val:
+            self.best_val, self.evals_since_best = val_loss, 0
+            if self.accelerator.is_main_process:
+                self.best_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.best_path.with_suffix(".tmp")
+                save_model(self.accelerator.unwrap_model(self.model), str(tmp))
+                os.replace(tmp, self.best_path)
+            self.accelerator.wait_for_everyone()
+            return False
+        self.evals_since_best += 1
+        tokens = self.step * cfg.batch_size * cfg.seq_len
+        return self.evals_since_best >= cfg.early_stopping and tokens >= cfg.min_tokens
+
     # ---- checkpoints ------------------------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
@@ -262,7 +306,9 @@ class Trainer:
                         "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        tmp / "state.pt")
-            state = {"step": self.step, "skipped": self.skipped, "fingerprint": self.fingerprint}
+            state = {"step": self.step, "skipped": self.skipped, "fingerprint": self.fingerprint,
+                     "best_val": self.best_val if math.isfinite(self.best_val) else None,
+                     "evals_since_best": self.evals_since_best, "stopped": self.stopped}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -293,6 +339,10 @@ class Trainer:
         if extra["cuda_rng"]:
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
         self.step, self.skipped = state["step"], state["skipped"]
+        best = state.get("best_val")
+        self.best_val = math.inf if best is None else best
+        self.evals_since_best = state.get("evals_since_best", 0)
+        self.stopped = state.get("stopped", False)
         return True
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -326,8 +376,9 @@ class Trainer:
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (self.progress and acc.is_main_process))
-        start, start_step, metrics, last_eval = time.perf_counter(), self.step, {}, {}
-        while self.step < cfg.steps:
+        start, start_step, last_eval = time.perf_counter(), self.step, {}
+        metrics = {"step": self.step, "tokens": self.step * tokens_per_step}
+        while self.step < cfg.steps and not self.stopped:
             metrics = self.train_step()
             elapsed = time.perf_counter() - start
             metrics["tokens_per_s"] = (self.step - start_step) * tokens_per_step / elapsed
@@ -340,7 +391,8 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.val_data is not None:
                 last_eval = self.evaluate()
                 self._log(last_eval)
-            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.stopped = self._track_best(last_eval["val_loss"])
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.stopped:
                 self.save_checkpoint()
             bar.update(1)
             bar.set_postfix_str(" ".join(
@@ -351,12 +403,17 @@ class Trainer:
         if self.val_data is not None and (not cfg.eval_every or self.step % cfg.eval_every):
             last_eval = self.evaluate()
             self._log(last_eval)
+            self._track_best(last_eval["val_loss"])
         if not (self.checkpoint_dir / f"step-{self.step:08d}").is_dir():
             self.save_checkpoint()
+        if cfg.early_stopping and self.best_path.is_file():    # the final model is the best one seen
+            load_model(acc.unwrap_model(self.model), str(self.best_path), device=str(acc.device))
+            last_eval = {**last_eval, "val_loss": self.best_val, "val_ppl": math.exp(min(self.best_val, 50.0))}
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(str(self.out_dir / "model"))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(self.out_dir / "model"))
             self.writer.close()
         acc.wait_for_everyone()
-        return {**metrics, **last_eval, "skipped_steps": self.skipped, "processes": acc.num_processes}
+        return {**metrics, **last_eval, "skipped_steps": self.skipped, "processes": acc.num_processes,
+                "stopped_early": self.stopped}
