@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "learn_threshold_group": ("one learned threshold per neuron module", ["student.learn_threshold=group"]),
     "learn_threshold_channel": ("one learned threshold per channel", ["student.learn_threshold=channel"]),
     "learn_beta": ("one learned leak per neuron module", ["student.learn_beta=group"]),
+    "rate_matched": ("Rate-MSE targets on the student's scale (attention min(1, n p), hidden states rescaled)",
+                     ["train.rate_targets=matched"]),
     "surrogate_wide": ("arctan surrogate, alpha 1 (wider)", ["student.surrogate_alpha=1.0"]),
     "surrogate_narrow": ("arctan surrogate, alpha 4 (narrower)", ["student.surrogate_alpha=4.0"]),
     "lr_1e-3": ("learning rate 0.001", ["train.lr=0.001"]),

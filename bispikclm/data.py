@@ -20,6 +20,11 @@ from .errors import UserError
 SPECIAL_TOKENS = ("<|endoftext|>",)
 
 
+def default_data_dir() -> Path:
+    """The data folder: ``$BISPIKCLM_DATA`` if set, else ``../shared/data`` (relative to the working directory)."""
+    return Path(os.environ.get("BISPIKCLM_DATA", "../shared/data"))
+
+
 def iter_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",
                max_documents: int | None = None) -> Iterator[str]:
     """Lines or documents of a corpus, one at a time (nothing is held in memory).

