@@ -114,7 +114,7 @@ def _folder_source(folder: Path) -> ModelSource:
         return ModelSource(str(folder), ggufs[0])
     if ggufs:
         raise UserError(f"{folder} holds several GGUF files ({', '.join(ggufs)}); name one")
-    raise UserError(f"{folder} is not a model (no config.json and no .gguf file)")
+    raise UserError(f"{str(folder)!r} is not a model checkpoint (no config.json and no .gguf file)")
 
 
 def resolve(spec: str | os.PathLike) -> ModelSource:
@@ -127,11 +127,11 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
         return _folder_source(path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise UserError(f"{text!r} is not a model (a file that is not .gguf; expected a save_pretrained "
-                            f"folder, a .gguf file or a Hub name)")
+            raise UserError(f"{text!r} is not a model checkpoint (a file that is not .gguf; expected a "
+                            f"save_pretrained folder, a .gguf file or a Hub name)")
         return ModelSource(str(path.parent), path.name)
     if path.is_absolute() or text.startswith(".") or path.suffix.lower() == ".gguf" or text.count("/") > 1:
-        raise UserError(f"{text!r}: no such model file or folder")
+        raise UserError(f"{text!r} is not a model checkpoint (no such file or folder)")
     return ModelSource(text)    # a Hub name
 
 
