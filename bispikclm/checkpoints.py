@@ -107,8 +107,8 @@ def _short_name_source(name: str) -> ModelSource:
 
 
 def _folder_source(folder: Path) -> ModelSource:
-    if (folder / "config.json").is_file():
-        return ModelSource(str(folder))
+    if (folder / "config.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return ModelSource(str(folder))    # a model, or a tokenizer alone (a recipe's ``tokenizer:``)
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSource(str(folder), ggufs[0])

