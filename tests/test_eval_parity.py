@@ -44,6 +44,22 @@ def test_parity_with_the_harness(gguf_model, data_dir, tmp_path, capsys):
     assert (cache / "gguf").is_dir() and len(list((cache / "gguf").iterdir())) == 1   # saved once for the harness
 
 
+def test_parity_with_a_tokenizer_that_adds_bos(data_dir, tmp_path, capsys):
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = make_tokenizer(data_dir, tmp_path / "tok")
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+    assert tokenizer("a b")["input_ids"][0] == tokenizer.bos_token_id
+    folder = make_teacher("opt", tmp_path / "opt", tokenizer, positions=512)
+    assert main(["eval", "parity", str(folder), "--tasks", "arc_easy,winogrande", "--limit", "8", "--data-dir",
+                 str(data_dir), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert result["harness_model"] == str(folder) and result["max_abs_difference_points"] == 0.0
+    assert all(row["max_abs_loglikelihood_difference"] < 1e-3 for row in result["tasks"].values())
+
+
 def test_parity_rejects_lambada_and_missing_models(data_dir, tmp_path, capsys):
     assert main(["eval", "parity", str(tmp_path / "none.gguf"), "--tasks", "lambada_openai",
                  "--data-dir", str(data_dir)]) == 2

@@ -44,11 +44,12 @@ def loglikelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
                    batch_size: int = 16, progress: bool = True) -> list[tuple[float, bool]]:
     """``(log p(continuation | context), greedy)`` for each ``(context, continuation)`` request.
 
-    ``greedy`` is True when every continuation token is the argmax. Inputs longer than the model's positions keep
+    ``greedy`` is True when every continuation token is the argmax. Inputs longer than the model's positions (the
+    config's, else the tokenizer's ``model_max_length``, else 2,048, as lm-eval resolves them) keep
     their last tokens; a continuation longer than the model's positions is scored on its last tokens that have a
     prediction in the window (all but the window's first). Requests run longest first in right-padded batches
     (causal masking keeps padding out)."""
-    limit = max_positions(model) or 2048
+    limit = max_positions(model) or _tokenizer_max_length(tokenizer) or 2048
     device = next(model.parameters()).device
     encoded = []
     for context, continuation in requests:
@@ -73,6 +74,13 @@ def loglikelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
             ll = float(span.gather(-1, targets[:, None]).sum())
             results[i] = (ll, bool((span.argmax(-1) == targets).all()))
     return results
+
+
+def _tokenizer_max_length(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The tokenizer's ``model_max_length`` unless it is transformers' "unset" value: lm-eval's fallback when a
+    config states no positions."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if length and length < 1e29 else None
 
 
 def score_multiple_choice(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[dict],
