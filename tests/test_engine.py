@@ -151,4 +151,36 @@ def test_generate_command_streams_the_same_text_from_both_engines(tokenizer, tes
         texts[engine] = capsys.readouterr().out
     assert texts["torch"] == texts["packed"] and len(texts["packed"].strip()) > 0
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
+    assert "not a model checkpoint" in capsys.readouterr().err
+
+
+def test_generate_compare_prints_student_and_teacher_side_by_side(tokenizer, test_text, tmp_path, capsys,
+                                                                   monkeypatch):
+    from argparse import Namespace
+
+    from transformers import AutoModelForCausalLM
+
+    from bispikclm.commands.generate import continuations
+    from distill_setup import make_teacher
+
+    monkeypatch.setenv("COLUMNS", "400")     # one line per cell, so the printed text can be matched
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    make_model(time_steps=2).save_pretrained(student)
+    tokenizer.save_pretrained(student)
+    make_teacher("llama-gqa", teacher, tokenizer, positions=128)
+    prompt = " ".join(test_text[3].split()[:10])
+    assert main(["generate", str(student), "--compare", str(teacher), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    args = Namespace(engine=None, int8=False, int8_head=False, temperature=0.0, top_k=None, seed=0, tokenizer=None,
+                     max_new_tokens=8)
+    rows = continuations([str(student), str(teacher)], prompt, args)
+    assert [row["engine"] for row in rows] == ["packed", "torch"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    for row, folder in zip(rows, (student, teacher)):      # each column is that model's own greedy continuation
+        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        greedy = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert row["text"] == tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+        assert row["text"].strip() and row["text"].strip() in printed and str(folder) in printed
+    assert main(["generate", str(student), "--compare", str(teacher), "--prompt", "x", "--temperature", "1"]) == 2
+    assert main(["generate", str(teacher), "--prompt", "x", "--engine", "packed"]) == 2
+    assert "packed engine runs BiSpikCLM students" in capsys.readouterr().err

@@ -1,11 +1,13 @@
-"""``bispikclm eval ppl|zeroshot|sweep|lm-eval``: perplexity, zero-shot tasks, threshold x time-step sweeps,
-and lm-evaluation-harness. Results go to ``--out`` as JSON plus a Markdown table (also printed)."""
+"""``bispikclm eval ppl|zeroshot|sweep|parity|lm-eval``: perplexity, zero-shot tasks, threshold x time-step
+sweeps, our zero-shot scores against lm-evaluation-harness's own backend, and lm-evaluation-harness. Results go
+to ``--out`` as JSON plus a Markdown table (also printed). The model is a positional argument or ``--model``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -22,8 +24,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _model_arguments(parser: argparse.ArgumentParser, spiking: bool = True) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained) of a student or any "
-                                                       "Hugging Face causal LM, with its tokenizer")
+    parser.add_argument("model", nargs="?", help="checkpoint folder (save_pretrained) of a student or any Hugging "
+                                                 "Face causal LM with its tokenizer, a .gguf file, a short name "
+                                                 "(smollm2-135m) or a Hub name")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="the model, as an option")
     parser.add_argument("--data-dir", help="data folder (default: $BISPIKCLM_DATA or <repo>/../shared/data)")
     parser.add_argument("--out", type=Path, help="folder for the JSON and Markdown results")
     parser.add_argument("--device", default="cpu")
@@ -57,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _ppl_arguments(sweep)
     sweep.add_argument("--thresholds", type=_floats, required=True, help="comma-separated, e.g. 0.5,0.7,1.0")
     sweep.add_argument("--time-steps", type=_ints, default=None, help="comma-separated (default: the model's T)")
+    parity = sub.add_parser("parity", help="zero-shot scores of our evaluator against lm-evaluation-harness's "
+                                           "own hf backend, task by task")
+    _model_arguments(parity, spiking=False)
+    parity.add_argument("--tasks", default="paper", help="comma-separated multiple-choice task or group names")
+    parity.add_argument("--limit", type=int, help="first N items of each task")
+    parity.add_argument("--cache-dir", help="where a GGUF model is saved for the harness (default: "
+                                            "$BISPIKCLM_CACHE or ~/.cache/bispikclm)")
     # prefix_chars="+": every argument after `lm-eval`, dashes included, goes to lm-eval unchanged
     lm_eval = sub.add_parser("lm-eval", help="lm-evaluation-harness with the bispikclm model and local tasks",
                              prefix_chars="+",
@@ -148,6 +159,24 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_parity(args: argparse.Namespace) -> int:
+    from ..evaluation.parity import parity, parity_markdown
+    from ..evaluation.tasks import read_task, resolve_tasks
+
+    tasks = resolve_tasks(args.tasks)
+    lambada = [t.name for t in tasks if t.kind != "multiple_choice"]
+    if lambada:
+        raise UserError(f"parity compares multiple-choice tasks; drop {lambada}")
+    for task in tasks:   # bad task names and files fail before the model loads
+        read_task(task, args.data_dir, args.limit)
+    start = time.perf_counter()
+    result = parity(args.model, args.tasks, args.data_dir, args.limit, args.batch_size or 16, args.device,
+                    args.cache_dir)
+    result["seconds"] = time.perf_counter() - start
+    _write(args, "parity", result, parity_markdown(result))
+    return 0
+
+
 def run_lm_eval(args: argparse.Namespace) -> int:
     from ..evaluation.lm_eval_cli import main
 
@@ -155,5 +184,11 @@ def run_lm_eval(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"ppl": run_ppl, "zeroshot": run_zeroshot, "sweep": run_sweep, "lm-eval": run_lm_eval}[
-        args.eval_command](args)
+    if hasattr(args, "model_option"):     # every subcommand but lm-eval
+        if args.model and args.model_option and args.model != args.model_option:
+            raise UserError(f"two models given ({args.model!r} and --model {args.model_option!r}); give one")
+        args.model = args.model or args.model_option
+        if not args.model:
+            raise UserError("no model given: bispikclm eval COMMAND MODEL (or --model MODEL)")
+    return {"ppl": run_ppl, "zeroshot": run_zeroshot, "sweep": run_sweep, "parity": run_parity,
+            "lm-eval": run_lm_eval}[args.eval_command](args)

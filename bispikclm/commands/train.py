@@ -1,7 +1,8 @@
 """``bispikclm train RECIPE``: distill a BiSpikCLM student from a Hugging Face teacher with SpAD.
 
-The recipe (YAML; see ``bispikclm/recipes/``) has sections ``teacher`` (a ``from_pretrained`` name or folder),
-``tokenizer`` (default: the teacher's), ``data`` (``train`` and ``valid`` sources), ``student``
+The recipe (YAML; see ``bispikclm/recipes/``) has sections ``teacher`` (a Hub name, a ``save_pretrained`` folder,
+a ``.gguf`` file or a short name such as ``smollm2-135m``: :func:`bispikclm.checkpoints.resolve`), ``tokenizer``
+(default: the teacher's own, the same kinds of source), ``data`` (``train`` and ``valid`` sources), ``student``
 (BiSpikCLMConfig overrides, and ``kind: ann`` for the same-shape ANN baseline) and ``train``
 (:class:`bispikclm.distill.TrainConfig`). Several processes:
 ``torchrun --nproc_per_node N -m bispikclm train RECIPE`` (or ``accelerate launch`` with an FSDP config).
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..ann import same_shape_ann
+from ..checkpoints import load_tokenizer
 from ..configuration import BiSpikCLMConfig, has_rotary_positions
 from ..data import TokenFile, encode, iter_texts, load_texts, pack, tokenize_to_file
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
@@ -94,7 +96,6 @@ def token_file(source: dict, tokenizer, seq_len: int, path: Path, tokenizer_name
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
-    from transformers import AutoTokenizer
 
     recipe = merge(load_recipe(args.recipe), parse_overrides(args.set))
     missing = [s for s in ("teacher", "data", "train") if s not in recipe]
@@ -103,10 +104,7 @@ def run(args: argparse.Namespace) -> int:
                         f"{sorted(set(recipe) - set(SECTIONS))})")
     config = TrainConfig.from_dict(recipe["train"])
     teacher = load_teacher(str(recipe["teacher"]))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(recipe.get("tokenizer") or recipe["teacher"]))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load tokenizer: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(str(recipe.get("tokenizer") or recipe["teacher"]))
     check_teacher(teacher, len(tokenizer), config.seq_len)
     student_section = dict(recipe.get("student") or {})
     kind, init = student_section.pop("kind", "spiking"), student_section.pop("init", "random")

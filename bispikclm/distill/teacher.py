@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
+from ..checkpoints import check_vocabulary, load_causal_lm
 from ..errors import UserError
 
 
@@ -38,11 +39,12 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_teacher(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM with ``from_pretrained`` (a hub name or a local ``save_pretrained`` folder), frozen."""
+    """Load a causal LM (a Hub name, a ``save_pretrained`` folder, a GGUF file or a short name such as
+    ``smollm2-135m``: :func:`bispikclm.checkpoints.resolve`) in ``dtype`` (default float32), frozen."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, attn_implementation="eager", dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load teacher {name_or_path!r}: {str(err).splitlines()[0]}") from None
+        model = load_causal_lm(name_or_path, dtype=dtype or torch.float32, attn_implementation="eager")
+    except UserError as err:
+        raise UserError(f"cannot load teacher: {err}") from None
     return freeze(model)
 
 
@@ -51,10 +53,7 @@ def check_teacher(teacher: PreTrainedModel, tokenizer_size: int, seq_len: int) -
     their vocabulary beyond it), takes sequences of ``seq_len`` tokens, and returns hidden states and attention
     maps."""
     name = type(teacher).__name__
-    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-    if tokenizer_size > teacher_vocab:
-        raise UserError(f"vocabulary mismatch: the tokenizer has {tokenizer_size} tokens, the teacher ({name}) only "
-                        f"{teacher_vocab} output tokens; use the teacher's own tokenizer")
+    check_vocabulary(teacher, tokenizer_size, "teacher")
     positions = positions_of(teacher.config)
     if positions is not None and seq_len > positions:
         raise UserError(f"sequence length {seq_len} is beyond the teacher's {positions} positions")

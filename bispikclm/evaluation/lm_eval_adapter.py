@@ -24,9 +24,13 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 
 @register_model("bispikclm")
 class BiSpikCLMHarnessLM(HFLM):
-    """``lm_eval --model bispikclm --model_args pretrained=PATH[,threshold=..,time_steps=..]``."""
+    """``lm_eval --model bispikclm --model_args pretrained=PATH[,threshold=..,time_steps=..]``; ``PATH`` may also
+    be a ``.gguf`` file or a short name such as ``smollm2-135m`` (:func:`bispikclm.checkpoints.resolve`)."""
 
     def __init__(self, pretrained: str, **kwargs) -> None:
+        from .parity import harness_folder    # parity imports this module
+
         load_config(pretrained)
+        pretrained = harness_folder(pretrained)   # a GGUF model (or short name) becomes its saved folder
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, backend="causal", **kwargs)

@@ -4,12 +4,11 @@ overrides of the spiking settings (threshold, time steps, attention chunk size) 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..checkpoints import load_causal_lm, load_config, load_tokenizer
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 
@@ -19,7 +18,8 @@ SPIKING_OVERRIDES = ("threshold", "time_steps", "attn_threshold", "attn_chunk_si
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                **overrides) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a ``save_pretrained`` folder (or a hub name where there is network).
+    """Model and tokenizer from a ``save_pretrained`` folder, a GGUF file, a short name such as ``smollm2-135m``
+    or a Hub name where there is network (:func:`bispikclm.checkpoints.resolve`).
 
     ``overrides`` (see :data:`SPIKING_OVERRIDES`; ``None`` values are ignored) apply to BiSpikCLM students;
     ``attn_chunk_size`` is ignored for other models, the rest are an error."""
@@ -33,28 +33,9 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     unknown = set(overrides) - set(SPIKING_OVERRIDES)
     if unknown:
         raise UserError(f"cannot override {sorted(unknown)} at inference (known: {SPIKING_OVERRIDES})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path!r} has no usable tokenizer ({str(err).strip().splitlines()[0]})") from None
-    if not tokenizer.encode("The text", add_special_tokens=False):   # transformers builds an empty one
-        raise UserError(f"{path!r} has no usable tokenizer (it encodes text to nothing); save the tokenizer "
-                        f"beside the model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides).to(device).eval()
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, dtype=dtype, **overrides).to(device)
     return model, tokenizer
-
-
-def load_config(path: str) -> PretrainedConfig:
-    """The config of a checkpoint folder (or hub name); UserError when ``path`` is not a model."""
-    if Path(path).is_file():
-        raise UserError(f"{path!r} is not a model checkpoint (a file; expected a save_pretrained folder)")
-    if not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
-        raise UserError(f"{path!r} is not a model checkpoint (no such folder)")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path!r} is not a model checkpoint ({reason})") from None
 
 
 def max_positions(model: PreTrainedModel | PretrainedConfig) -> int | None:
