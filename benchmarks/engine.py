@@ -242,15 +242,20 @@ def speed_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def prepare(args) -> tuple[float, tuple, list[int]]:
+    """Set the torch and Numba threads; return the start time, the load average before the run and the prompt
+    and decode tokens."""
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    return time.time(), os.getloadavg(), wikitext_tokens(args.data, args.prompt + args.decode)
+
+
 def main() -> None:
     parser = speed_arguments(__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "opt-125m"])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "engine.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
-    start, load = time.time(), os.getloadavg()
-    tokens = wikitext_tokens(args.data, args.prompt + args.decode)
+    start, load, tokens = prepare(args)
     result = {
         "command": " ".join(["PYTHONPATH=. python benchmarks/engine.py", *sys.argv[1:]]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,

@@ -34,12 +34,11 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from engine import engine_run, opt_run, speed_arguments, wikitext_tokens  # noqa: E402  (benchmarks/engine.py)
+from engine import engine_run, opt_run, prepare, speed_arguments  # noqa: E402  (benchmarks/engine.py)
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
 from bispikclm.ann import same_shape_ann  # noqa: E402
@@ -354,10 +353,7 @@ def main() -> None:
                         help="a quickstart run; its trained student is measured at its real rates when present")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "engine_peers.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
-    start, load = time.time(), os.getloadavg()
-    tokens = wikitext_tokens(args.data, args.prompt + args.decode)
+    start, load, tokens = prepare(args)
     prompt, decode = tokens[:args.prompt], tokens[args.prompt:]
     quickstart = json.loads((REPO / "results" / "quickstart.json").read_text())["student_firing_rates"]["all"]
     targets = {f"rate {r}": r for r in args.rates}
