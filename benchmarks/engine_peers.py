@@ -13,7 +13,8 @@ the same matrices, learned positions and LayerNorms, with GELU for ReLU).
 
 Measured: prefill tokens/s (a 64-token WikiText-2 prompt, best of ``--repeats``), decode tokens/s (median step
 over ``--repeats`` x 24 tokens fed one at a time with the cache), weight bytes read per token, and the CPU's
-read bandwidth (a Numba sum over 256 MB), to say how close each decode is to the bandwidth limit. Weights are
+read bandwidth (a Numba sum over 256 MB) beside the bytes of weight rows per second the engine's linear kernel
+reads on its own, to say how close the kernels and each decode are to the bandwidth limit. Weights are
 random: speeds, not outputs, are compared. 2 threads everywhere (torch, Numba, llama.cpp).
 
     pip install -e .[peers]
@@ -42,7 +43,7 @@ from engine import engine_run, opt_run, prepare, speed_arguments  # noqa: E402  
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
 from bispikclm.ann import same_shape_ann  # noqa: E402
-from bispikclm.engine import PackedEngine, quantize_  # noqa: E402
+from bispikclm.engine import PackedEngine, kernels, pack, quantize_  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ("opt-125m", "smollm2-135m")
@@ -64,6 +65,29 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     words = np.ones(megabytes * 2 ** 20 // 8, np.uint64)
     _read_all(words)
     return words.nbytes / min(timed(lambda: _read_all(words)) for _ in range(repeats))
+
+
+def linear_bandwidth(rates=(0.1, 0.2), layers: int = 24, repeats: int = 5) -> list[dict]:
+    """Bytes per second of weight rows the fused event-driven linear kernel reads (int8, T = 2, decode: one
+    token) at the OPT-125m shapes, over ``layers`` distinct weight matrices so that they do not stay in cache."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_in, n_out in [(768, 2304), (768, 3072), (3072, 768)]:
+        weights = [rng.integers(-127, 128, (n_in, n_out)).astype(np.int8) for _ in range(layers)]
+        bias, scale, out = np.zeros(n_out, np.int32), np.ones(n_out, np.float32), np.empty((1, 2, n_out), np.float32)
+        for rate in rates:
+            fired = [rng.random((1, 2, n_in)) < rate for _ in range(layers)]
+            spikes = [pack(f) for f in fired]
+            read = sum(int(f[0].any(0).sum()) for f in fired) * n_out
+
+            def run():
+                for s, w in zip(spikes, weights):
+                    kernels.linear_spikes(s, w, bias, scale, out)
+            run()
+            seconds = min(timed(run) for _ in range(repeats))
+            rows.append({"layer": f"{n_in}x{n_out}", "rate": rate, "us_per_layer": round(1e6 * seconds / layers, 1),
+                         "gb_per_s": round(read / seconds / 1e9, 2)})
+    return rows
 
 
 def timed(fn) -> float:
@@ -106,10 +130,10 @@ def rate_at(engine: PackedEngine, prompt: list[int]) -> tuple[float, dict]:
     return block_rate(record), record
 
 
-def calibrate(engine: PackedEngine, base: list[dict], prompt: list[int], target: float, steps: int = 9) -> float:
+def calibrate(engine: PackedEngine, base: list[dict], prompt: list[int], target: float, steps: int = 8) -> float:
     """Threshold factor whose blocks' mean firing rate on ``prompt`` is closest to ``target`` (bisection in
     log space: the rate falls as thresholds rise)."""
-    lo, hi = np.log(0.05), np.log(20.0)
+    lo, hi = np.log(0.1), np.log(10.0)
     for _ in range(steps):
         mid = (lo + hi) / 2
         scale_thresholds(engine, base, float(np.exp(mid)))
@@ -363,12 +387,13 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "cores": os.cpu_count(), "load_average_before": [round(x, 2) for x in load],
                     "read_bandwidth_gb_per_s": round(read_bandwidth() / 1e9, 2)},
+        "linear_kernel_bandwidth": linear_bandwidth(),
         "setup": {"prompt_tokens": args.prompt, "decode_tokens": args.decode, "batch": 1, "repeats": args.repeats,
                   "engine": "int8 blocks + int8 head, T = 2, random init (seed 0); thresholds scaled to hit each "
                             "firing rate", "text": "WikiText-2 test"},
         "shapes": {},
     }
-    print(json.dumps(result["machine"]), flush=True)
+    print(json.dumps(result["machine"]), json.dumps(result["linear_kernel_bandwidth"]), flush=True)
     student = trained_student(args.run_dir)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
