@@ -315,7 +315,9 @@ def summary(shape: dict) -> dict:
     int8 = {k: v for k, v in peers.items() if k != "HF float32"}
     fastest = max(int8, key=lambda k: int8[k]["decode_tokens_per_s"])
     sweep = [p for p in shape["engine"] if "target_rate" in p]
-    out = {"fastest_int8_peer_decode": fastest, "crossover_rate_decode_vs": {}, "crossover_rate_prefill_vs": {}}
+    out = {"fastest_int8_peer_decode": fastest, "crossover_rate_decode_vs": {}, "crossover_rate_prefill_vs": {},
+           "rate_for_decode_goal_2x_fastest_int8": crossover(sweep, 2 * int8[fastest]["decode_tokens_per_s"],
+                                                             "decode_tokens_per_s")}
     for name, peer in peers.items():
         out["crossover_rate_decode_vs"][name] = crossover(sweep, peer["decode_tokens_per_s"], "decode_tokens_per_s")
         out["crossover_rate_prefill_vs"][name] = crossover(sweep, peer["prefill_tokens_per_s"], "prefill_tokens_per_s")

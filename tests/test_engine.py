@@ -65,7 +65,7 @@ def rotary_teacher_student(**overrides) -> BiSpikCLMForCausalLM:
 
 @pytest.mark.parametrize("time_steps, overrides", [
     (2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)), (2, dict(spiking_head=True)),
-    (2, LLAMA), (4, dict(LLAMA, ffn_gate="and")), (2, dict(LLAMA, **LEARNED)), (2, dict(LLAMA, spiking_head=True)),
+    (2, LLAMA), (4, dict(LLAMA, ffn_gate="and")), (2, dict(LLAMA, spiking_head=True, **LEARNED)),
     (2, "rotary teacher")])
 @pytest.mark.parametrize("int8", [False, True])
 def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_steps, overrides, int8):
