@@ -363,6 +363,24 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(result: dict) -> str:
+    """The result as Markdown tables, one per shape (what docs/engine.md shows)."""
+    lines = []
+    for name, shape in result["shapes"].items():
+        lines += [f"**{name}** (batch 1, {result['machine']['threads']} threads)", "",
+                  "| model | firing rate | decode tok/s | prefill tok/s | weight MB read / token | decode GB/s "
+                  "(share of read bandwidth) |", "|---|---|---|---|---|---|"]
+        rows = [(peer, "–", v) for peer, v in shape["peers"].items()]
+        rows += [(f"packed engine, int8, T = 2: {p['target']}", f"{p['firing_rate']:.3f}", p)
+                 for p in sorted(shape["engine"], key=lambda p: p["firing_rate"])]
+        for label, rate, v in rows:
+            lines.append(f"| {label} | {rate} | {v['decode_tokens_per_s']:.1f} | {v['prefill_tokens_per_s']:.1f} | "
+                         f"{v['weight_bytes_per_token'] / 1e6:.1f} | {v['decode_gb_per_s']:.2f} "
+                         f"({100 * v['decode_share_of_bandwidth']:.0f}%) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def trained_student(run_dir: Path | None) -> BiSpikCLMForCausalLM | None:
     folder = run_dir / "student" / "model" if run_dir else None
@@ -429,6 +447,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({k: v["summary"] for k, v in result["shapes"].items()}, indent=1))
+    print(markdown(result))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {result['runtime_s']} s")
 
 
