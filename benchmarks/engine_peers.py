@@ -276,7 +276,11 @@ def llama_cpp_run(llm, prompt: list[int], decode: list[int]) -> tuple[float, lis
 
 
 def llama_cpp_peers(config: BiSpikCLMConfig, folder: Path, prompt, decode, threads: int, repeats: int) -> dict:
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        print("  llama.cpp: llama-cpp-python is not installed (pip install -e .[peers]); left out", flush=True)
+        return {}
 
     f32 = folder / "f32.gguf"
     write_gguf(config, f32)
@@ -297,24 +301,26 @@ def llama_cpp_peers(config: BiSpikCLMConfig, folder: Path, prompt, decode, threa
 
 
 # --------------------------------------------------------------------------------------------------- analysis
-def crossover(points: list[dict], peer_speed: float, key: str) -> float | None:
-    """Highest firing rate at which the engine's ``key`` speed still reaches ``peer_speed`` (linear
-    interpolation between sweep points), or None when it never does."""
+def crossover(points: list[dict], peer_speed: float, key: str) -> float | str:
+    """Firing rate at which the engine's ``key`` speed falls to ``peer_speed`` (linear interpolation between sweep
+    points; the highest such rate), or a bound when it is faster (or slower) over the whole sweep."""
     ordered = sorted(points, key=lambda p: p["firing_rate"])
     best = None
     for a, b in zip(ordered, ordered[1:]):
         if a[key] >= peer_speed > b[key]:
             best = a["firing_rate"] + (a[key] - peer_speed) / (a[key] - b[key]) * (b["firing_rate"] - a["firing_rate"])
-    if best is None and ordered and ordered[-1][key] >= peer_speed:
-        return ordered[-1]["firing_rate"]         # faster over the whole sweep
-    return best
+    if best is not None:
+        return round(best, 4)
+    if ordered[-1][key] >= peer_speed:
+        return f"> {ordered[-1]['firing_rate']:.3f} (faster over the whole sweep)"
+    return f"< {ordered[0]['firing_rate']:.3f} (slower over the whole sweep)"
 
 
 def summary(shape: dict) -> dict:
     peers = shape["peers"]
     int8 = {k: v for k, v in peers.items() if k != "HF float32"}
     fastest = max(int8, key=lambda k: int8[k]["decode_tokens_per_s"])
-    sweep = [p for p in shape["engine"] if "target_rate" in p]
+    sweep = shape["engine"]
     out = {"fastest_int8_peer_decode": fastest, "crossover_rate_decode_vs": {}, "crossover_rate_prefill_vs": {},
            "rate_for_decode_goal_2x_fastest_int8": crossover(sweep, 2 * int8[fastest]["decode_tokens_per_s"],
                                                              "decode_tokens_per_s")}
