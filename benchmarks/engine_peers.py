@@ -397,7 +397,7 @@ def trained_student(run_dir: Path | None) -> BiSpikCLMForCausalLM | None:
 
 def main() -> None:
     parser = speed_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--rates", nargs="+", type=float, default=list(RATES))
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "quickstart",
                         help="a quickstart run; its trained student is measured at its real rates when present")
