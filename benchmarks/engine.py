@@ -231,20 +231,31 @@ def kernel_choice(repeats: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def speed_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options shared by the speed benchmarks (threads, prompt, decode, repeats, data)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--decode", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "opt-125m"])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("BISPIKCLM_DATA", REPO.parent / "shared" / "data")))
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "engine.json")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args) -> tuple[float, tuple, list[int]]:
+    """Set the torch and Numba threads; return the start time, the load average before the run and the prompt
+    and decode tokens."""
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    start, load = time.time(), os.getloadavg()
-    tokens = wikitext_tokens(args.data, args.prompt + args.decode)
+    return time.time(), os.getloadavg(), wikitext_tokens(args.data, args.prompt + args.decode)
+
+
+def main() -> None:
+    parser = speed_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "opt-125m"])
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "engine.json")
+    args = parser.parse_args()
+    start, load, tokens = prepare(args)
     result = {
         "command": " ".join(["PYTHONPATH=. python benchmarks/engine.py", *sys.argv[1:]]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,

@@ -16,6 +16,17 @@ Everything is counted from what runs (METHOD §6), not from a formula:
 The ANN is counted the same way (its products as executed; attention is switched to ``eager`` so that ``Q Kᵀ``
 and ``P V`` are visible products). Its LayerNorms, softmax, activations and residual additions are **not**
 counted, which favours the ANN.
+
+**Honest cost** (:func:`cost_table`). The report above is the paper's convention: 32-bit float arithmetic only.
+:func:`cost_table` also prices the same counts
+
+* at int8 arithmetic (both models on int8 weights, as ``quantize_`` and an int8 ANN build run them), and
+* with the memory traffic of batch-1 decoding: every token reads the weight rows its products use (the student
+  only the rows of inputs that fired at any of the T steps, the ANN all of them), the embedding rows, and the
+  K/V cache of all earlier positions (one bit per key/value spike for the student, one weight-sized number per
+  entry for the ANN), at a cited energy per byte of on-chip SRAM or off-chip DRAM (:class:`MemoryTable`).
+
+Every table lists both conventions: the paper's (the blocks, arithmetic only) and everything counted.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from .ann import same_shape_ann
 from .errors import UserError
 from .modeling import NEURON_GROUP_OF, BiSpikCLMForCausalLM
 from .neurons import FiringRateRecorder, LIFNeuron
+from .spike_ops import SpikeLinear
 from .tracing import blocks_prefix, place, sections, trace_ops
 
 #: Energy of each kind of operation, in units of the table's ``mac_pj`` and ``ac_pj``.
@@ -50,6 +62,8 @@ KIND_COST = {
     "and_popcount": (0, 0),     # bit operations of Q·Kᵀ, charged through its AC line
     "gate": (0, 0),             # a binary gate routing a current or a spike (gated SFFN): a select or an AND
     "lookup": (0, 0),           # embedding rows read from memory
+    "weight_read": (0, 0),      # weights read per token (elements), priced by MemoryTable
+    "cache_read": (0, 0),       # K/V cache entries read per token (elements; binary spikes for the student)
 }
 PARTS = ("embedding", "attention", "ffn", "neurons", "residual", "head")
 
@@ -66,6 +80,25 @@ class EnergyTable:
         """Energy of one operation of ``kind`` (a key of :data:`KIND_COST`)."""
         macs, acs = KIND_COST[kind]
         return macs * self.mac_pj + acs * self.ac_pj
+
+
+#: Arithmetic at 45 nm (Horowitz, "Computing's energy problem", ISSCC 2014, Fig. 1.1.9): a float32 MAC is a
+#: multiply (3.7 pJ) and an add (0.9 pJ); an int8 MAC a multiply (0.2 pJ) and an add (0.03 pJ).
+PRECISIONS = {
+    "float32": EnergyTable(),
+    "int8": EnergyTable(name="45 nm CMOS, 8-bit integer (Horowitz 2014)", mac_pj=0.23, ac_pj=0.03),
+}
+BYTES_PER_WEIGHT = {"float32": 4, "int8": 1}
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """Energy per byte read, in picojoules, at 45 nm (Horowitz, ISSCC 2014, Fig. 1.1.9: 10 pJ per 64-bit read
+    of an 8 KB SRAM, 1.3-2.6 nJ per 64-bit DRAM access; tabulated per 32-bit word as 5 pJ SRAM and 640 pJ DRAM
+    by Han et al., "EIE", ISCA 2016, Table I)."""
+
+    sram_pj_per_byte: float = 5.0 / 4
+    dram_pj_per_byte: float = 640.0 / 4
 
 
 def load_energy_table(path: str | Path) -> EnergyTable:
@@ -225,6 +258,53 @@ def _lookup_entries(model: nn.Module):
     return entries, handles
 
 
+def _read_entries(model: nn.Module, blocks: str):
+    """Forward hooks on every linear layer and embedding, adding the weight elements a batch-1 decode reads per
+    token: a product fed by spikes (the student's ``SpikeLinear``, and its head with ``spiking_head``) reads the
+    rows of the inputs that fired at any time step, any other product all its weights; an embedding one row."""
+    entries, handles = [], []
+    spiking = {m for m in model.modules() if isinstance(m, SpikeLinear)}
+    if isinstance(model, BiSpikCLMForCausalLM) and model.config.spiking_head:
+        spiking.add(model.lm_head)
+    for path, module in model.named_modules():
+        layer, name = place(path, blocks)
+        if layer is None:
+            part = "embedding" if isinstance(module, nn.Embedding) else "head"
+        else:
+            part = "attention" if any(_is_attention(p) for p in name.split(".")) else "ffn"
+        if isinstance(module, nn.Embedding):
+            def hook(module, args, out, name=name, part=part, layer=layer):
+                entries.append(CostEntry(part, layer, name, "weight_read", args[0].numel() * module.embedding_dim))
+        elif module in spiking:                       # input [T, B, N, in]: a row per input fired at any step
+            def hook(module, args, out, name=name, part=part, layer=layer):
+                rows = float((args[0] != 0).any(0).sum())
+                entries.append(CostEntry(part, layer, name, "weight_read", rows * module.out_features))
+        elif isinstance(module, nn.Linear):
+            def hook(module, args, out, name=name, part=part, layer=layer):
+                tokens = args[0].numel() // module.in_features
+                entries.append(CostEntry(part, layer, name, "weight_read", tokens * module.weight.numel()))
+        else:
+            continue
+        handles.append(module.register_forward_hook(hook))
+    return entries, handles
+
+
+def _cache_entries(model: nn.Module, input_ids: torch.LongTensor) -> list[CostEntry]:
+    """K/V cache entries a batch-1 decode reads: position ``i`` reads the keys and values of positions ``0..i``,
+    ``2 x kv_heads x head_dim`` entries each (x T binary spikes for the student)."""
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    batch, n = input_ids.shape
+    keys_seen = batch * n * (n + 1) // 2
+    is_student = isinstance(model, BiSpikCLMForCausalLM)
+    per_key = 2 * kv_heads * head_dim * (cfg.time_steps if is_student else 1)
+    return [CostEntry("attention", layer, "K/V cache", "cache_read", keys_seen * per_key, operand="binary" if
+                      is_student else "") for layer in range(cfg.num_hidden_layers)]
+
+
 def _student_elementwise(model: nn.Module, tokens: int) -> list[CostEntry]:
     """Element-wise work of a BiSpikCLM outside products and neurons, from its structure (see module doc)."""
     cfg = model.config
@@ -261,6 +341,8 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
     neurons = {p: m for p, m in model.named_modules() if isinstance(m, LIFNeuron)}
     neuron_entries, handles = _neuron_entries(model, blocks)
     lookup_entries, more_handles = _lookup_entries(model)
+    read_entries, read_handles = _read_entries(model, blocks)
+    more_handles += read_handles
     modules = dict(model.named_modules())
     try:
         with trace_ops(model) as trace, FiringRateRecorder(neurons) as recorder:
@@ -271,7 +353,8 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
         if not is_student and attn_impl not in (None, "eager"):
             model.set_attn_implementation(attn_impl)
     tokens = input_ids.numel()
-    entries = lookup_entries + _product_entries(trace, modules, blocks) + neuron_entries
+    entries = (lookup_entries + _product_entries(trace, modules, blocks) + neuron_entries + read_entries
+               + _cache_entries(model, input_ids))
     if is_student:
         entries += _student_elementwise(model, tokens)
     rates = recorder.rates()
@@ -352,7 +435,86 @@ def energy_report(student: CostCount, ann: CostCount, table: EnergyTable = Energ
                     "coverage": dense_per_step * table.mac_pj / e_ann, "terms_outside": dict(outside)},
         "firing_rates": {"overall": student.overall_firing_rate,
                          "by_layer": firing_rates_by_layer(student.firing_rates)},
+        "cost_table": cost_table(student, ann),
     }
+
+
+BLOCK_PARTS = ("attention", "ffn", "neurons", "residual")
+
+
+def bytes_read(count: CostCount, precision: str, part: str | None = None) -> float:
+    """Bytes a batch-1 decode reads over the pass (or in one part) with weights of ``precision``: weight elements
+    times the weight's size, and K/V cache entries at one bit each for binary spikes, one weight's size for real
+    numbers."""
+    size = BYTES_PER_WEIGHT[precision]
+    total = 0.0
+    for e in count.entries:
+        if part not in (None, e.part):
+            continue
+        if e.kind == "weight_read":
+            total += e.count * size
+        elif e.kind == "cache_read":
+            total += e.count / 8 if e.operand == "binary" else e.count * size
+    return total
+
+
+def cost_table(student: CostCount, ann: CostCount, memory: MemoryTable = MemoryTable()) -> dict:
+    """Energy per token of ``student`` and ``ann`` under both conventions, at float32 and int8 arithmetic:
+
+    * ``paper``: the blocks only (attention, FFN, neurons, residual), arithmetic only (the paper's convention);
+    * ``arithmetic``: every part, arithmetic only;
+    * ``sram`` / ``dram``: every part, arithmetic plus the bytes read per token at the SRAM or DRAM energy.
+
+    Returns ``{"memory_table", "bytes_per_token": {precision: {student, ann}}, "rows": [...]}``, one row per
+    (precision, convention) with ``student_mj``, ``ann_mj`` per token and ``ratio``."""
+    if student.tokens != ann.tokens:
+        raise ValueError(f"student ran on {student.tokens} tokens, the ANN on {ann.tokens}")
+    per_token = 1.0 / student.tokens
+    rows, traffic = [], {}
+    for precision, table in PRECISIONS.items():
+        traffic[precision] = {"student": bytes_read(student, precision) * per_token,
+                              "ann": bytes_read(ann, precision) * per_token}
+
+        def energy(count: CostCount, convention: str) -> float:
+            if convention == "paper":
+                return sum(count.energy_pj(table, part) for part in BLOCK_PARTS)
+            pj_per_byte = {"arithmetic": 0.0, "sram": memory.sram_pj_per_byte, "dram": memory.dram_pj_per_byte}
+            return count.energy_pj(table) + bytes_read(count, precision) * pj_per_byte[convention]
+
+        for convention in ("paper", "arithmetic", "sram", "dram"):
+            s, a = energy(student, convention) * per_token * 1e-9, energy(ann, convention) * per_token * 1e-9
+            rows.append({"precision": precision, "convention": convention, "student_mj": s, "ann_mj": a,
+                         "ratio": s / a})
+    return {"memory_table": asdict(memory), "tables": {k: asdict(v) for k, v in PRECISIONS.items()},
+            "bytes_per_token": traffic, "rows": rows}
+
+
+CONVENTIONS = {"paper": "paper: blocks, arithmetic only", "arithmetic": "everything, arithmetic only",
+               "sram": "everything + memory at SRAM", "dram": "everything + memory at DRAM"}
+
+
+def format_cost_table(table: dict) -> str:
+    """A :func:`cost_table` as a Markdown table (energy per token, student / ANN), with the bytes per token."""
+    memory = table["memory_table"]
+    lines = ["| arithmetic | convention | student mJ/token | ANN mJ/token | student / ANN |", "|---|---|---|---|---|"]
+    for row in table["rows"]:
+        lines.append(f"| {row['precision']} | {CONVENTIONS[row['convention']]} | {row['student_mj']:.3e} | "
+                     f"{row['ann_mj']:.3e} | {100 * row['ratio']:.2f}% |")
+    reads = "; ".join(f"{p} weights: student {b['student'] / 1e6:.2f} MB, ANN {b['ann'] / 1e6:.2f} MB"
+                      for p, b in table["bytes_per_token"].items())
+    lines.append(f"\nBytes read per token ({reads}); SRAM {memory['sram_pj_per_byte']} pJ/byte, DRAM "
+                 f"{memory['dram_pj_per_byte']} pJ/byte (Horowitz, ISSCC 2014); arithmetic: float32 MAC 4.6 / add 0.9 "
+                 f"pJ, int8 MAC 0.23 / add 0.03 pJ (same source).")
+    return "\n".join(lines)
+
+
+def honest_cost(student: nn.Module, input_ids: torch.LongTensor, ann: nn.Module | None = None,
+                memory: MemoryTable = MemoryTable()) -> dict:
+    """:func:`cost_table` of a student against ``ann`` (default: the ANN of the student's exact shape,
+    :func:`~bispikclm.ann.same_shape_ann`) on ``input_ids`` ``[B, N]``; ``format_cost_table`` prints it."""
+    ann = same_shape_ann(student.config) if ann is None else ann
+    return cost_table(count_operations(student, input_ids, name="student"),
+                      count_operations(ann, input_ids, name="ANN"), memory)
 
 
 def format_report(report: dict) -> str:
@@ -373,6 +535,9 @@ def format_report(report: dict) -> str:
              f"alone: {f['binary_operand_rate']:.3f}; integer counts of P·V raise it), covering "
              f"{100 * f['coverage']:.1f}% of the ANN; outside it: {outside}",
              f"mean firing rate of all neurons: {report['firing_rates']['overall']:.3f}"]
+    if "cost_table" in report:
+        rows += ["", "Both conventions, float32 and int8 arithmetic, with memory traffic:",
+                 format_cost_table(report["cost_table"])]
     return "\n".join(rows)
 
 

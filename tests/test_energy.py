@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _energy_models import build_models
 from bispikclm.cli import main
-from bispikclm.energy import (EnergyTable, count_operations, energy_report, load_checkpoint, load_energy_table,
+from bispikclm.energy import (BLOCK_PARTS, KIND_COST, EnergyTable, MemoryTable, bytes_read, cost_table,
+                              count_operations, energy_report, format_cost_table, load_checkpoint, load_energy_table,
                               text_token_ids)
 from bispikclm.distill.losses import SpikeCostLoss
 from bispikclm.errors import UserError
@@ -212,3 +213,88 @@ def test_energy_command(folders, data_dir, tmp_path, capsys):
     assert main(["energy", str(folders["teacher"]), "--text", text]) == 2   # an ANN is not a student
     assert main(["energy", str(tmp_path), "--text", text]) == 2
     assert main(["energy", str(folders["student"]), "--text", text, "--seq-len", "100000"]) == 2
+
+
+def test_memory_reads_match_a_hand_count(folders, input_ids):
+    """Bytes a batch-1 decode reads per token, counted by hand from the shapes and from the neurons' spikes."""
+    teacher = load_checkpoint(folders["teacher"])[0]
+    cfg = teacher.config
+    d, f, v, layers = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.num_hidden_layers
+    b, n = input_ids.shape
+    tokens, keys_seen = b * n, b * n * (n + 1) // 2          # position i reads the K/V of positions 0..i
+    ann = count_operations(teacher, input_ids)
+    weights = layers * (4 * d * d + 2 * d * f) + d * v + 2 * d   # projections, FFN, head, token + position rows
+    assert ann.total("weight_read") == tokens * weights
+    assert ann.total("cache_read") == layers * 2 * d * keys_seen
+    assert bytes_read(ann, "int8") == tokens * weights + layers * 2 * d * keys_seen
+    assert bytes_read(ann, "float32") == 4 * bytes_read(ann, "int8")
+
+    for name in ("student", "spiking_student"):
+        model = load_checkpoint(folders[name])[0]
+        t = model.config.time_steps
+        fired = defaultdict(float)        # rows read: inputs that fired at any of the T steps, from the neurons
+        inputs_of = {"attn_in_neuron": 3 * d, "ffn_in_neuron": f, "ffn.hidden_neuron": d, "head_neuron": v}
+        hooks = [m.register_forward_hook(lambda m, a, s, fan_out=fan_out: fired.__setitem__(
+                     "rows", fired["rows"] + float(s.bool().any(0).sum()) * fan_out))
+                 for path, m in model.named_modules() for leaf, fan_out in inputs_of.items()
+                 if isinstance(m, LIFNeuron) and path.endswith(leaf)]
+        hooks += [m.register_forward_pre_hook(lambda m, a: fired.__setitem__(
+                      "rows", fired["rows"] + float((a[0] != 0).any(0).sum()) * d))
+                  for path, m in model.named_modules() if path.endswith("out_proj")]
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        count = count_operations(model, input_ids)
+        head = 0 if model.config.spiking_head else tokens * d * v
+        assert count.total("weight_read") == fired["rows"] + head + tokens * 2 * d
+        assert count.total("cache_read") == layers * 2 * d * t * keys_seen
+        assert bytes_read(count, "int8") == count.total("weight_read") + layers * 2 * d * t * keys_seen / 8
+        assert count.total("weight_read", "ffn") < tokens * layers * 2 * d * f      # sparse: fewer rows
+
+
+def test_cost_table_prices_both_conventions_at_both_precisions(folders, input_ids):
+    ann = count_operations(load_checkpoint(folders["teacher"])[0], input_ids)
+    student = count_operations(load_checkpoint(folders["student"])[0], input_ids)
+    memory = MemoryTable()
+    table = cost_table(student, ann, memory)
+    rows = {(r["precision"], r["convention"]): r for r in table["rows"]}
+    assert set(rows) == {(p, c) for p in ("float32", "int8") for c in ("paper", "arithmetic", "sram", "dram")}
+    assert memory.sram_pj_per_byte == 1.25 and memory.dram_pj_per_byte == 160.0
+    tokens = input_ids.numel()
+    for count, who in ((student, "student"), (ann, "ann")):
+        macs = sum(count.total(k) * KIND_COST[k][0] for k in KIND_COST)
+        acs = sum(count.total(k) * KIND_COST[k][1] for k in KIND_COST)
+        block_macs = sum(count.total(k, p) * KIND_COST[k][0] for k in KIND_COST for p in BLOCK_PARTS)
+        block_acs = sum(count.total(k, p) * KIND_COST[k][1] for k in KIND_COST for p in BLOCK_PARTS)
+        for precision, (mac, ac, size) in {"float32": (4.6, 0.9, 4), "int8": (0.23, 0.03, 1)}.items():
+            arithmetic = (macs * mac + acs * ac) / tokens * 1e-9
+            traffic = bytes_read(count, precision) / tokens
+            assert table["bytes_per_token"][precision][who] == pytest.approx(traffic, rel=1e-12)
+            assert rows[precision, "paper"][f"{who}_mj"] == pytest.approx(
+                (block_macs * mac + block_acs * ac) / tokens * 1e-9, rel=1e-9)
+            assert rows[precision, "arithmetic"][f"{who}_mj"] == pytest.approx(arithmetic, rel=1e-9)
+            assert rows[precision, "dram"][f"{who}_mj"] == pytest.approx(arithmetic + traffic * 160e-9, rel=1e-9)
+            assert rows[precision, "sram"][f"{who}_mj"] == pytest.approx(arithmetic + traffic * 1.25e-9, rel=1e-9)
+    # the student reads fewer bytes per token than the ANN: rows of the inputs that fired, 1-bit K/V spikes
+    assert table["bytes_per_token"]["int8"]["student"] < table["bytes_per_token"]["int8"]["ann"]
+    assert rows["float32", "arithmetic"]["student_mj"] == pytest.approx(
+        energy_report(student, ann)["student"]["energy_mj_per_token"], rel=1e-12)
+    assert "| int8 | everything + memory at DRAM |" in format_cost_table(table)
+
+
+def test_energy_command_precision(folders, data_dir, tmp_path, capsys):
+    out = tmp_path / "energy.json"
+    text = str(data_dir / "wikitext-2" / "test.txt")
+    assert main(["energy", str(folders["student"]), "--teacher", str(folders["teacher"]), "--text", text,
+                 "--seq-len", "32", "--precision", "int8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["energy_table"]["mac_pj"] == 0.23 and report["energy_table"]["ac_pj"] == 0.03
+    int8_arithmetic = next(r for r in report["cost_table"]["rows"] if r["precision"] == "int8"
+                           and r["convention"] == "arithmetic")
+    assert report["ratio"] == pytest.approx(int8_arithmetic["ratio"], rel=1e-9)
+    printed = capsys.readouterr().out
+    assert "paper: blocks, arithmetic only" in printed and "everything + memory at DRAM" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["energy", str(folders["student"]), "--precision", "int4"])
+    assert exit_info.value.code == 2

@@ -1,12 +1,13 @@
-"""The packed engine reproduces the PyTorch model spike for spike on WikiText-2 text, and its fast path (Numba)
-gives the same bits as its plain reference (NumPy)."""
+"""The packed engine reproduces the PyTorch model spike for spike on WikiText-2 text, at OPT shape and at Llama
+shape (grouped-query attention, gated SFFN, learned thresholds and leaks, a rotary teacher's student), and its
+fast path (Numba) gives the same bits as its plain reference (NumPy)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.cli import main
@@ -34,16 +35,44 @@ def test_text(data_dir) -> list[str]:
     return [line.strip() for line in lines if len(line.split()) > 40 and not line.strip().startswith("=")]
 
 
+# Llama shape: 3 query heads per K/V head, heads of 48 that straddle 64-bit words, gated SFFN
+LLAMA = dict(num_attention_heads=6, num_key_value_heads=2, head_dim=48, ffn_type="gated", ffn_dim=384)
+LEARNED = dict(learn_threshold="channel", learn_beta="group")
+
+
 def make_model(**overrides) -> BiSpikCLMForCausalLM:
     torch.manual_seed(0)
-    return BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **overrides})).eval()
+    model = BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():       # learned thresholds and leaks away from their initial values, different per channel
+        for neuron in model.neurons().values():
+            if neuron.threshold_param is not None:
+                neuron.threshold_param.mul_(torch.empty_like(neuron.threshold_param).uniform_(0.8, 1.2))
+            if neuron.beta_param is not None:
+                neuron.beta_param.fill_(0.6)
+    return model
 
 
-@pytest.mark.parametrize("time_steps, overrides", [(2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)),
-                                                   (2, dict(spiking_head=True))])
+def rotary_teacher_student(**overrides) -> BiSpikCLMForCausalLM:
+    """A student of a (tiny) Llama teacher with rotary positions: Llama shape and a learned position table."""
+    teacher = LlamaConfig(vocab_size=SMALL["vocab_size"], hidden_size=128, intermediate_size=384,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=4096, rope_theta=10000.0)
+    torch.manual_seed(0)
+    config = BiSpikCLMConfig.from_teacher_config(teacher, max_position_embeddings=320, **overrides)
+    assert config.ffn_type == "gated" and config.key_value_heads == 2
+    return BiSpikCLMForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("time_steps, overrides", [
+    (2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)), (2, dict(spiking_head=True)),
+    (2, LLAMA), (4, dict(LLAMA, ffn_gate="and")), (2, dict(LLAMA, spiking_head=True, **LEARNED)),
+    (2, "rotary teacher")])
 @pytest.mark.parametrize("int8", [False, True])
 def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_steps, overrides, int8):
-    model = make_model(time_steps=time_steps, **overrides)
+    if overrides == "rotary teacher":
+        model = rotary_teacher_student(time_steps=time_steps)
+    else:
+        model = make_model(time_steps=time_steps, **overrides)
     if int8:
         quantize_(model, head=True)
     ids = torch.tensor(tokenizer(" ".join(test_text[:4]))["input_ids"][:256])
@@ -66,9 +95,10 @@ def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_step
     assert torch.equal(torch.cat(steps).argmax(-1), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(LLAMA, **LEARNED)])
 @pytest.mark.parametrize("int8", [False, True])
-def test_greedy_generations_are_identical(tokenizer, test_text, int8):
-    model = make_model(time_steps=2)
+def test_greedy_generations_are_identical(tokenizer, test_text, int8, overrides):
+    model = make_model(time_steps=2, **overrides)
     if int8:
         quantize_(model)
     engine = PackedEngine.from_model(model, int8=int8)
@@ -103,21 +133,28 @@ def test_fast_path_gives_the_reference_bits(int8, time_steps):
             assert np.array_equal(fast, ref), name
     current = rng.standard_normal((n, time_steps, d)).astype(np.float32) * 2
     gain = rng.standard_normal(d).astype(np.float32)
+    thresholds = (0.9, rng.uniform(0.5, 1.5, d).astype(np.float32))       # one, or one per channel
     outs = []
     for ops in (kernels, reference):
-        membrane, spikes = current.copy(), np.empty((n, time_steps, 3), np.uint64)
-        ops.lif(membrane, 0.7, 0.9, spikes)
-        x = current.copy()
-        ops.residual_add(x, spikes, gain)
-        outs.append((membrane, spikes, x))
-    for a, b in zip(*outs):
-        assert np.array_equal(a, b)
-    q = pack(rng.random((n, time_steps, d)) < 0.4)
-    k_cache, v_cache = (pack(rng.random((time_steps, 32, d)) < 0.4) for _ in range(2))
-    fast, ref = (np.empty((n, time_steps, d), np.int32) for _ in range(2))
-    kernels.sfsa(q, k_cache, v_cache, past, heads, 1 / 32, 0.5, 0.05, fast)
-    reference.sfsa(q, k_cache, v_cache, past, heads, 1 / 32, 0.5, 0.05, ref)
-    assert np.array_equal(fast, ref) and fast.any()
+        for threshold in thresholds:
+            membrane, spikes = current.copy(), np.empty((n, time_steps, 3), np.uint64)
+            ops.lif(membrane, 0.7, threshold, spikes)
+            x, gated = current.copy(), current.copy()
+            ops.residual_add(x, spikes, gain)
+            ops.gate_current(gated, spikes)
+            outs.append((membrane, spikes, x, gated))
+    for a, b in zip(outs[:2], outs[2:]):
+        for u, v in zip(a, b):
+            assert np.array_equal(u, v)
+    assert not np.array_equal(outs[0][1], outs[1][1])                       # per-channel thresholds matter
+    # attention: one K/V head per query head, and grouped-query heads (3 per K/V head), heads off word boundaries
+    for heads, kv_heads, head_dim in [(5, 5, 32), (6, 2, 48), (3, 1, 80)]:
+        q = pack(rng.random((n, time_steps, heads * head_dim)) < 0.4)
+        k_cache, v_cache = (pack(rng.random((time_steps, 32, kv_heads * head_dim)) < 0.4) for _ in range(2))
+        fast, ref = (np.empty((n, time_steps, heads * head_dim), np.int32) for _ in range(2))
+        kernels.sfsa(q, k_cache, v_cache, past, heads, kv_heads, head_dim, 1 / head_dim, 0.5, 0.05, fast)
+        reference.sfsa(q, k_cache, v_cache, past, heads, kv_heads, head_dim, 1 / head_dim, 0.5, 0.05, ref)
+        assert np.array_equal(fast, ref) and fast.any()
     h = rng.standard_normal((2, d)).astype(np.float32)
     weight, _, scale = random_linear(rng, d, 3000, True)
     fast, ref = (np.empty((2, 3000), np.float32) for _ in range(2))

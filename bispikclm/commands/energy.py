@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..energy import (EnergyTable, count_operations, energy_report, format_report, load_checkpoint,
+from ..energy import (PRECISIONS, count_operations, energy_report, format_report, load_checkpoint,
                       load_energy_table, same_shape_ann, save_report, text_token_ids)
 from ..errors import UserError
 
@@ -19,8 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--num-sequences", type=int, default=1, help="number of sequences (default 1)")
     parser.add_argument("--time-steps", type=int, default=None, help="run the student with this T")
-    parser.add_argument("--energy-table", default=None, help="YAML/JSON file with mac_pj, ac_pj (default 45 nm: "
-                                                             "4.6 / 0.9 pJ)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="float32",
+                        help="arithmetic of both models in the main table: float32 (MAC 4.6 / add 0.9 pJ, the "
+                             "paper's) or int8 (MAC 0.23 / add 0.03 pJ); Horowitz ISSCC 2014, 45 nm. The table of "
+                             "both conventions below it always lists both")
+    parser.add_argument("--energy-table", default=None, help="YAML/JSON file with mac_pj, ac_pj (overrides "
+                                                             "--precision)")
     parser.add_argument("--json", default=None, help="also write the full report (every line) to this JSON file")
 
 
@@ -30,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.checkpoint} is not a BiSpikCLM student ({type(student).__name__})")
     if args.time_steps:
         student.config.time_steps = args.time_steps
-    table = load_energy_table(args.energy_table) if args.energy_table else EnergyTable()
+    table = load_energy_table(args.energy_table) if args.energy_table else PRECISIONS[args.precision]
     input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences,
                                max_length=student.config.max_position_embeddings)
     ann = load_checkpoint(args.teacher)[0] if args.teacher else same_shape_ann(student.config)

@@ -6,7 +6,7 @@ Per token and block (``[N, T, ...]`` arrays, spikes packed as in :mod:`bispikclm
     Q, K, V = LIF(A Wq + bq), ...               # event-driven: rows of the inputs that fired, summed
     O = P V,  P = LIF_attn(scale * popcount(Q AND K))   # against the packed binary K/V cache
     X += g1 * LIF(O Wo + bo)                    # each spike adds its channel's residual weight
-    X += g2 * LIF(W2 LIF(W1 LIF(X) + b1) + b2)
+    X += g2 * LIF(W2 LIF(W1 LIF(X) + b1) + b2)         # or the gated SFFN: gate and up in one pass
     logits = lm_head(LayerNorm(mean_t X))       # float head (or mean_t lm_head(LIF(X)) with spiking_head)
 
 The embedding and the float head are the PyTorch model's own modules.
@@ -21,7 +21,6 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from ..configuration import BiSpikCLMConfig
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..neurons import LIFNeuron
@@ -64,30 +63,36 @@ class PackedLinear:
 
 @dataclass
 class Neuron:
-    beta: float
-    threshold: float
+    """A LIF neuron as the engine runs it: ``beta`` one float32, ``threshold`` one float32 or one per channel
+    (learned thresholds and leaks are read from the module as the model uses them)."""
+
+    beta: np.float32
+    threshold: np.ndarray
 
     @classmethod
-    def of(cls, config: BiSpikCLMConfig, group: str) -> "Neuron":
-        kwargs = config.neuron_kwargs(group)
-        return cls(float(kwargs["beta"]), float(kwargs["threshold"]))
+    def of(cls, module: LIFNeuron) -> "Neuron":
+        beta, threshold = module.parameters_now()
+        as_array = lambda v: np.asarray(v.detach().float().numpy() if torch.is_tensor(v) else v, np.float32)  # noqa: E731
+        return cls(np.float32(as_array(beta)), as_array(threshold))
 
 
 @dataclass
 class PackedBlock:
     qkv: PackedLinear            # q_proj, k_proj, v_proj side by side
     out: PackedLinear
-    fc1: PackedLinear
-    fc2: PackedLinear
+    ffn_in: PackedLinear         # fc1, or gate_proj and up_proj side by side (gated SFFN)
+    ffn_out: PackedLinear        # fc2 or down_proj
     attn_residual_scale: np.ndarray
     ffn_residual_scale: np.ndarray
+    neurons: dict[str, Neuron]   # by module path inside the block (keys of NEURON_GROUP_OF)
 
 
 class PackedCache:
-    """Binary K and V spikes of every layer, packed: ``keys``, ``values`` ``[L, T, max_length, W]`` uint64."""
+    """Binary K and V spikes of every layer, packed: ``keys``, ``values`` ``[L, T, max_length, W]`` uint64, with
+    ``W`` the words of the key/value heads (``num_key_value_heads * head_dim`` spikes)."""
 
-    def __init__(self, layers: int, time_steps: int, max_length: int, hidden_size: int) -> None:
-        shape = (layers, time_steps, max_length, words(hidden_size))
+    def __init__(self, layers: int, time_steps: int, max_length: int, kv_size: int) -> None:
+        shape = (layers, time_steps, max_length, words(kv_size))
         self.keys = np.zeros(shape, np.uint64)
         self.values = np.zeros(shape, np.uint64)
         self.length = 0
@@ -95,6 +100,11 @@ class PackedCache:
 
 class PackedEngine:
     """Event-driven inference of a :class:`BiSpikCLMForCausalLM` on spikes packed into 64-bit words.
+
+    Runs every student the project trains: OPT-style (SFFN, one K/V head per query head) and Llama-style
+    (grouped-query SFSA with a K/V cache of the key/value heads, gated SFFN with ``ffn_gate`` ``select`` or
+    ``and``, any ``head_dim``), with fixed or learned thresholds and leaks, and the learned position table of
+    any student (rotary-teacher students included).
 
     Args:
         model: the PyTorch model (its embedding and float head are used as they are).
@@ -108,29 +118,31 @@ class PackedEngine:
     def __init__(self, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> None:
         if backend not in BACKENDS:
             raise UserError(f"unknown engine backend {backend!r} (known: {sorted(BACKENDS)})")
-        cfg = model.config
-        if cfg.ffn_type != "mlp" or cfg.key_value_heads != cfg.num_attention_heads or cfg.head_dim is not None:
-            raise UserError("the packed engine runs OPT-style students only (no grouped-query attention or gated "
-                            "FFN yet); use --engine torch")
-        if any(n.learned for n in model.neurons().values()):
-            raise UserError("the packed engine does not run learned thresholds or leaks yet; use --engine torch")
         self.model = model.eval()
         self.config = cfg = model.config
         self.ops = BACKENDS[backend]
         self.int8 = int8
+        self.gated = cfg.ffn_type == "gated"
+        self.head_dim = cfg.attention_head_dim
+        self.q_size = cfg.num_attention_heads * self.head_dim
+        self.kv_size = cfg.key_value_heads * self.head_dim
         self.blocks = []
         for i, layer in enumerate(model.model.layers):
             attn, ffn, prefix = layer.self_attn, layer.ffn, f"model.layers.{i}"
             lin = lambda m, n: PackedLinear.from_module(m, int8, f"{prefix}.{n}")  # noqa: E731
+            if self.gated:
+                ffn_in = PackedLinear.concat([lin(ffn.gate_proj, "ffn.gate_proj"), lin(ffn.up_proj, "ffn.up_proj")])
+                ffn_out = lin(ffn.down_proj, "ffn.down_proj")
+            else:
+                ffn_in, ffn_out = lin(ffn.fc1, "ffn.fc1"), lin(ffn.fc2, "ffn.fc2")
             self.blocks.append(PackedBlock(
                 PackedLinear.concat([lin(attn.q_proj, "self_attn.q_proj"), lin(attn.k_proj, "self_attn.k_proj"),
                                      lin(attn.v_proj, "self_attn.v_proj")]),
-                lin(attn.out_proj, "self_attn.out_proj"),
-                lin(ffn.fc1, "ffn.fc1"), lin(ffn.fc2, "ffn.fc2"),
+                lin(attn.out_proj, "self_attn.out_proj"), ffn_in, ffn_out,
                 layer.attn_residual_scale.detach().float().numpy().copy(),
-                layer.ffn_residual_scale.detach().float().numpy().copy()))
-        self.neurons = {g: Neuron.of(cfg, g) for g in ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in",
-                                                        "ffn_hidden", "ffn_out", "head")}
+                layer.ffn_residual_scale.detach().float().numpy().copy(),
+                {name: Neuron.of(module) for name, module in layer.named_modules() if isinstance(module, LIFNeuron)}))
+        self.head_neuron = Neuron.of(model.head_neuron) if cfg.spiking_head else None
         self.head = PackedLinear.from_module(model.lm_head, False, "lm_head") if cfg.spiking_head else None
         self.head_int8 = None
         if int8 and not cfg.spiking_head and is_int8(model.lm_head):
@@ -154,19 +166,39 @@ class PackedEngine:
         """An empty cache for up to ``max_length`` positions (default: ``max_position_embeddings``)."""
         cfg = self.config
         return PackedCache(cfg.num_hidden_layers, cfg.time_steps, max_length or cfg.max_position_embeddings,
-                           cfg.hidden_size)
+                           self.kv_size)
 
-    def _lif(self, current: np.ndarray, group: str) -> np.ndarray:
-        neuron = self.neurons[group]
+    def _lif(self, current: np.ndarray, neuron: Neuron) -> np.ndarray:
         spikes = np.empty(current.shape[:2] + (words(current.shape[2]),), np.uint64)
         self.ops.lif(current, neuron.beta, neuron.threshold, spikes)
         return spikes
 
-    def _linear(self, inputs: np.ndarray, layer: PackedLinear, group: str, counts: bool = False) -> np.ndarray:
+    def _current(self, inputs: np.ndarray, layer: PackedLinear, counts: bool = False) -> np.ndarray:
         current = np.empty(inputs.shape[:2] + (layer.weight.shape[1],), np.float32)
         (self.ops.linear_counts if counts else self.ops.linear_spikes)(inputs, layer.weight, layer.bias,
                                                                        layer.scale, current)
-        return self._lif(current, group)
+        return current
+
+    def _ffn(self, b: np.ndarray, block: PackedBlock) -> dict[str, np.ndarray]:
+        """The SFFN's spikes by neuron path (``ffn.out_neuron`` last) for its input spikes ``b``. Gated: the gate
+        and up currents come from one pass over ``b``; ``select`` zeroes the up current where the gate did not
+        fire before the hidden neuron, ``and`` ANDs the gate and hidden spikes (``ffn.hidden`` holds what the
+        down projection receives)."""
+        current, neurons, f = self._current(b, block.ffn_in), block.neurons, self.config.ffn_dim
+        if not self.gated:
+            h = self._lif(current, neurons["ffn.hidden_neuron"])
+            return {"ffn.hidden_neuron": h, "ffn.out_neuron": self._lif(self._current(h, block.ffn_out),
+                                                                        neurons["ffn.out_neuron"])}
+        gate = self._lif(np.ascontiguousarray(current[..., :f]), neurons["ffn.gate_neuron"])
+        up = np.ascontiguousarray(current[..., f:])
+        if self.config.ffn_gate == "select":
+            self.ops.gate_current(up, gate)
+            h = hidden = self._lif(up, neurons["ffn.hidden_neuron"])
+        else:
+            h = self._lif(up, neurons["ffn.hidden_neuron"])
+            hidden = gate & h
+        out = self._lif(self._current(hidden, block.ffn_out), neurons["ffn.out_neuron"])
+        return {"ffn.gate_neuron": gate, "ffn.hidden_neuron": h, "ffn.hidden": hidden, "ffn.out_neuron": out}
 
     @torch.no_grad()
     def forward(self, input_ids, cache: PackedCache, all_logits: bool = False,
@@ -185,34 +217,40 @@ class PackedEngine:
         positions = torch.arange(past, past + n)
         x0 = self.model.model.embed(ids[None], positions[None])[0].float().numpy()
         x = np.ascontiguousarray(np.broadcast_to(x0[:, None], (n, cfg.time_steps, cfg.hidden_size)))
-        d = cfg.hidden_size
+        splits = np.cumsum([0, self.q_size, self.kv_size, self.kv_size])
         for i, block in enumerate(self.blocks):
-            prefix = f"model.layers.{i}"
-            a = self._lif(x.copy(), "block_in")
-            qkv = np.empty((n, cfg.time_steps, 3 * d), np.float32)
-            self.ops.linear_spikes(a, block.qkv.weight, block.qkv.bias, block.qkv.scale, qkv)
-            q, k, v = (self._lif(np.ascontiguousarray(qkv[..., j * d:(j + 1) * d]), group)
-                       for j, group in enumerate(("q", "k", "v")))
+            neurons = block.neurons
+            a = self._lif(x.copy(), neurons["attn_in_neuron"])
+            qkv = self._current(a, block.qkv)
+            q, k, v = (self._lif(np.ascontiguousarray(qkv[..., lo:hi]), neurons[f"self_attn.{name}_neuron"])
+                       for lo, hi, name in zip(splits[:-1], splits[1:], "qkv"))
             cache.keys[i, :, past:past + n] = k.transpose(1, 0, 2)
             cache.values[i, :, past:past + n] = v.transpose(1, 0, 2)
-            attn = self.neurons["attn"]
-            counts = np.empty((n, cfg.time_steps, d), np.int32)
-            self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads,
-                          cfg.effective_attn_scale, attn.beta, attn.threshold, counts)
-            y = self._linear(counts, block.out, "attn_out", counts=True)
+            attn = neurons["self_attn.attn_neuron"]
+            counts = np.empty((n, cfg.time_steps, self.q_size), np.int32)
+            self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads, cfg.key_value_heads,
+                          self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, counts)
+            y = self._lif(self._current(counts, block.out, counts=True), neurons["self_attn.out_neuron"])
             self.ops.residual_add(x, y, block.attn_residual_scale)
-            b = self._lif(x.copy(), "ffn_in")
-            h = self._linear(b, block.fc1, "ffn_hidden")
-            f = self._linear(h, block.fc2, "ffn_out")
-            self.ops.residual_add(x, f, block.ffn_residual_scale)
+            b = self._lif(x.copy(), neurons["ffn_in_neuron"])
+            ffn = self._ffn(b, block)
+            self.ops.residual_add(x, ffn["ffn.out_neuron"], block.ffn_residual_scale)
             if record is not None:
-                for name, spikes in [("attn_in_neuron", a), ("self_attn.q_neuron", q), ("self_attn.k_neuron", k),
-                                     ("self_attn.v_neuron", v), ("self_attn.out_neuron", y),
-                                     ("ffn_in_neuron", b), ("ffn.hidden_neuron", h), ("ffn.out_neuron", f)]:
-                    record[f"{prefix}.{name}"] = unpack(spikes, cfg.ffn_dim if name == "ffn.hidden_neuron" else d)
-                record[f"{prefix}.self_attn.out_proj"] = counts
+                spikes = {"attn_in_neuron": a, "self_attn.q_neuron": q, "self_attn.k_neuron": k,
+                          "self_attn.v_neuron": v, "self_attn.out_neuron": y, "ffn_in_neuron": b, **ffn}
+                for name, packed in spikes.items():
+                    if name != "ffn.hidden":            # what fc2/down_proj reads: see weight_bytes
+                        record[f"model.layers.{i}.{name}"] = unpack(packed, self._width(name))
+                record[f"model.layers.{i}.self_attn.out_proj"] = counts
         cache.length = past + n
         return self._head(x if all_logits else x[-1:], record)[slice(None) if all_logits else -1]
+
+    def _width(self, name: str) -> int:
+        """Number of neurons of a block's neuron group by module path."""
+        if name.startswith("ffn."):
+            return self.config.ffn_dim if name != "ffn.out_neuron" else self.config.hidden_size
+        return {"self_attn.q_neuron": self.q_size, "self_attn.k_neuron": self.kv_size,
+                "self_attn.v_neuron": self.kv_size}.get(name, self.config.hidden_size)
 
     def _head(self, x: np.ndarray, record: dict | None) -> torch.Tensor:
         """Logits ``[N, V]`` from the last residual stream ``x`` ``[N, T, D]``."""
@@ -224,7 +262,7 @@ class PackedEngine:
             logits = np.empty((h.shape[0], weight.shape[1]), np.float32)
             self.ops.head_int8(h.numpy(), weight, scale, logits)
             return torch.from_numpy(logits)
-        spikes = self._lif(x.copy(), "head")
+        spikes = self._lif(x.copy(), self.head_neuron)
         if record is not None:
             record["head_neuron"] = unpack(spikes, x.shape[-1])
         current = np.empty(spikes.shape[:2] + (self.head.weight.shape[1],), np.float32)
@@ -266,15 +304,16 @@ class PackedEngine:
         blocks = dense = 0.0
         for i, block in enumerate(self.blocks):
             prefix = f"model.layers.{i}"
-            inputs = [(record[f"{prefix}.attn_in_neuron"], (block.qkv,)),
-                      (record[f"{prefix}.self_attn.out_proj"] != 0, (block.out,)),
-                      (record[f"{prefix}.ffn_in_neuron"], (block.fc1,)),
-                      (record[f"{prefix}.ffn.hidden_neuron"], (block.fc2,))]
-            for fired, layers in inputs:
+            hidden = record[f"{prefix}.ffn.hidden_neuron"]
+            if self.gated and self.config.ffn_gate == "and":
+                hidden = hidden & record[f"{prefix}.ffn.gate_neuron"]
+            inputs = [(record[f"{prefix}.attn_in_neuron"], block.qkv),
+                      (record[f"{prefix}.self_attn.out_proj"] != 0, block.out),
+                      (record[f"{prefix}.ffn_in_neuron"], block.ffn_in), (hidden, block.ffn_out)]
+            for fired, layer in inputs:
                 rows = fired.any(axis=1).sum(axis=1).mean()          # rows read per token
-                for layer in layers:
-                    blocks += rows * layer.nbytes_per_row
-                    dense += layer.weight.shape[0] * layer.weight.shape[1] * 4
+                blocks += rows * layer.nbytes_per_row
+                dense += layer.weight.shape[0] * layer.weight.shape[1] * 4
         if self.head is not None:
             head = record["head_neuron"].any(axis=1).sum(axis=1).mean() * self.head.nbytes_per_row
         elif self.head_int8 is not None:

@@ -8,8 +8,9 @@
   scattered, so the hardware prefetcher cannot guess them (1.6x on weights that are not in cache).
 * The int8 head (float LayerNorm output times int8 rows) accumulates rows into tiles of the vocabulary, with the
   same prefetch (2x).
-* Q·Kᵀ is AND + popcount over packed words; P·V adds the value spikes of the keys whose attention neuron
-  fired, walking their set bits.
+* Q·Kᵀ is AND + popcount over packed words (a head's bits taken as 64-bit windows, so heads need not start on a
+  word, and a group of query heads reads its shared K/V head); P·V adds the value spikes of the keys whose
+  attention neuron fired, walking their set bits.
 """
 
 from __future__ import annotations
@@ -167,19 +168,36 @@ def _lif(current, beta, threshold, out):
         for c in range(d):
             u = np.float32(0.0)
             s = np.float32(0.0)
+            theta = threshold[c]
             for t in range(t_steps):
-                u = beta * u + current[n, t, c] - threshold * s
+                u = beta * u + current[n, t, c] - theta * s
                 current[n, t, c] = u
-                if u >= threshold:
+                if u >= theta:
                     s = np.float32(1.0)
                     out[n, t, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
                 else:
                     s = np.float32(0.0)
 
 
-def lif(current: np.ndarray, beta: float, threshold: float, out: np.ndarray) -> None:
+def lif(current: np.ndarray, beta: float, threshold, out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.lif`."""
-    _lif(current, np.float32(beta), np.float32(threshold), out)
+    thresholds = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, np.float32), current.shape[-1:]))
+    _lif(current, np.float32(beta), thresholds, out)
+
+
+@njit(cache=True, nogil=True)
+def _gate_current(current, gate):
+    n_tok, t_steps, d = current.shape
+    for n in range(n_tok):
+        for t in range(t_steps):
+            for c in range(d):
+                if not (gate[n, t, c >> 6] >> np.uint64(c & 63)) & np.uint64(1):
+                    current[n, t, c] = 0
+
+
+def gate_current(current: np.ndarray, gate: np.ndarray) -> None:
+    """See :func:`bispikclm.engine.reference.gate_current`."""
+    _gate_current(current, gate)
 
 
 @njit(cache=True, nogil=True)
@@ -200,50 +218,58 @@ def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
     _residual_add(x, spikes, gain)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _window(row, start, n_bits):
+    """Bits ``start .. start + n_bits - 1`` (``n_bits`` <= 64) of the packed ``row``, as the low bits of a word."""
+    w, shift = start >> 6, start & 63
+    bits = row[w] >> np.uint64(shift)
+    if shift + n_bits > 64:
+        bits |= row[w + 1] << np.uint64(64 - shift)
+    if n_bits < 64:
+        bits &= (np.uint64(1) << np.uint64(n_bits)) - np.uint64(1)
+    return bits
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def _sfsa(q, k_cache, v_cache, past, num_heads, scale, beta, threshold, out):
-    n_new, t_steps, n_words = q.shape
-    head_dim = out.shape[2] // num_heads
+def _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold, out):
+    n_new, t_steps = q.shape[0], q.shape[1]
+    group = num_heads // num_kv_heads
+    chunks = (head_dim + 63) // 64
     for job in prange(n_new * num_heads):
-        n = job // num_heads
-        lo = (job % num_heads) * head_dim
-        hi = lo + head_dim
-        w0, w1 = lo >> 6, (hi - 1) >> 6
-        masks = np.empty(w1 - w0 + 1, np.uint64)
-        for w in range(w0, w1 + 1):
-            first, last = max(lo, w * 64) - w * 64, min(hi, w * 64 + 64) - w * 64
-            span = last - first
-            full = np.uint64(0xFFFFFFFFFFFFFFFF)
-            masks[w - w0] = (full if span == 64 else (np.uint64(1) << np.uint64(span)) - np.uint64(1)) \
-                << np.uint64(first)
+        n, h = job // num_heads, job % num_heads
+        q_lo, kv_lo = h * head_dim, (h // group) * head_dim     # a group of query heads shares one K/V head
+        q_bits = np.empty((t_steps, chunks), np.uint64)
         for t in range(t_steps):
-            for c in range(lo, hi):
+            for i in range(chunks):
+                q_bits[t, i] = _window(q[n, t], q_lo + 64 * i, min(64, head_dim - 64 * i))
+            for c in range(q_lo, q_lo + head_dim):
                 out[n, t, c] = 0
         for j in range(past + n + 1):
             u = np.float32(0.0)
             s = np.float32(0.0)
             for t in range(t_steps):
                 score = np.uint64(0)
-                for w in range(w0, w1 + 1):
-                    score += _popcount(q[n, t, w] & k_cache[t, j, w] & masks[w - w0])
+                for i in range(chunks):
+                    score += _popcount(q_bits[t, i] & _window(k_cache[t, j], kv_lo + 64 * i,
+                                                              min(64, head_dim - 64 * i)))
                 u = beta * u + np.float32(score) * scale - threshold * s
                 if u >= threshold:
                     s = np.float32(1.0)
-                    for w in range(w0, w1 + 1):
-                        bits = v_cache[t, j, w] & masks[w - w0]
+                    for i in range(chunks):
+                        bits = _window(v_cache[t, j], kv_lo + 64 * i, min(64, head_dim - 64 * i))
                         while bits:
-                            c = w * 64 + _ctz(bits)
+                            c = q_lo + 64 * i + _ctz(bits)
                             bits &= bits - np.uint64(1)
                             out[n, t, c] += 1
                 else:
                     s = np.float32(0.0)
 
 
-def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, scale: float,
-         beta: float, threshold: float, out: np.ndarray) -> None:
+def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, num_kv_heads: int,
+         head_dim: int, scale: float, beta: float, threshold: float, out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.sfsa`."""
-    _sfsa(q, k_cache, v_cache, past, num_heads, np.float32(scale), np.float32(beta), np.float32(threshold), out)
-
+    _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, np.float32(scale), np.float32(beta),
+          np.float32(threshold), out)
 
 
 @njit(parallel=True, cache=True, nogil=True)

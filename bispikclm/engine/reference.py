@@ -40,11 +40,12 @@ def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
             out[n, t] = acc.astype(np.float32) * scale
 
 
-def lif(current: np.ndarray, beta: float, threshold: float, out: np.ndarray) -> None:
+def lif(current: np.ndarray, beta: float, threshold, out: np.ndarray) -> None:
     """LIF neurons with soft reset over the time axis of ``current`` ``[N, T, D]`` float32, in place:
     ``current`` becomes the membrane potential ``U``; ``out`` ``[N, T, W]`` uint64 gets the packed spikes
-    ``U >= threshold``. ``U[t] = beta * U[t-1] + I[t] - threshold * S[t-1]`` in float32."""
-    beta, threshold = np.float32(beta), np.float32(threshold)
+    ``U >= threshold``. ``U[t] = beta * U[t-1] + I[t] - threshold * S[t-1]`` in float32; ``threshold`` is one
+    number or one per channel ``[D]`` (learned thresholds)."""
+    beta, threshold = np.float32(beta), np.asarray(threshold, np.float32)
     u = np.zeros_like(current[:, 0])
     s = np.zeros_like(u)
     for t in range(current.shape[1]):
@@ -54,6 +55,12 @@ def lif(current: np.ndarray, beta: float, threshold: float, out: np.ndarray) -> 
     out[...] = pack(current >= threshold)
 
 
+def gate_current(current: np.ndarray, gate: np.ndarray) -> None:
+    """Binary gate of a gated SFFN (``ffn_gate="select"``), in place: ``current`` ``[N, T, D]`` float32 is set to
+    0 where the gate spike (``gate`` ``[N, T, W]`` packed) did not fire and kept where it did."""
+    current[~unpack(gate, current.shape[-1])] = 0
+
+
 def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
     """``x += spikes * gain`` in place: each spike adds its channel's weight. ``x`` ``[N, T, D]`` float32,
     ``spikes`` ``[N, T, W]`` uint64, ``gain`` ``[D]`` float32."""
@@ -61,21 +68,25 @@ def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
     x[fired] += np.broadcast_to(gain, x.shape)[fired]
 
 
-def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, scale: float,
-         beta: float, threshold: float, out: np.ndarray) -> None:
+def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, num_kv_heads: int,
+         head_dim: int, scale: float, beta: float, threshold: float, out: np.ndarray) -> None:
     """Softmax-free spiking attention of ``N`` new queries against the binary K/V cache.
 
-    ``q`` ``[N, T, W]`` packed; ``k_cache``, ``v_cache`` ``[T, N_max, W]`` packed, rows ``0 .. past + N - 1``
-    filled; query ``n`` is position ``past + n`` and sees keys ``0 .. past + n``. Per head and key:
-    ``S = popcount(Q AND K)``, ``P = LIF(scale * S)`` over the T steps, and ``out`` ``[N, T, D]`` int32 gets
-    ``O = P V``, the count of the value spikes of the keys whose attention neuron fired."""
+    ``q`` ``[N, T, W]`` packed (``num_heads`` heads of ``head_dim``); ``k_cache``, ``v_cache`` ``[T, N_max, W_kv]``
+    packed (``num_kv_heads`` heads; query head ``h`` reads K/V head ``h // (num_heads / num_kv_heads)``), rows
+    ``0 .. past + N - 1`` filled; query ``n`` is position ``past + n`` and sees keys ``0 .. past + n``. Per head
+    and key: ``S = popcount(Q AND K)``, ``P = LIF(scale * S)`` over the T steps, and ``out``
+    ``[N, T, num_heads * head_dim]`` int32 gets ``O = P V``, the count of the value spikes of the keys whose
+    attention neuron fired."""
     n_new, t_steps, _ = q.shape
-    d = out.shape[-1]
-    head_dim = d // num_heads
-    keys = past + n_new
-    qb = unpack(q, d).reshape(n_new, t_steps, num_heads, 1, head_dim)
-    kb = unpack(k_cache[:, :keys], d).reshape(t_steps, keys, num_heads, head_dim).transpose(0, 2, 1, 3)
-    vb = unpack(v_cache[:, :keys], d).reshape(t_steps, keys, num_heads, head_dim).transpose(0, 2, 1, 3)
+    keys, group = past + n_new, num_heads // num_kv_heads
+    qb = unpack(q, num_heads * head_dim).reshape(n_new, t_steps, num_heads, 1, head_dim)
+
+    def per_query_head(cache):     # [T, H, keys, head_dim]: each K/V head repeated for its group of query heads
+        bits = unpack(cache[:, :keys], num_kv_heads * head_dim).reshape(t_steps, keys, num_kv_heads, head_dim)
+        return np.repeat(bits.transpose(0, 2, 1, 3), group, axis=1)
+
+    kb, vb = per_query_head(k_cache), per_query_head(v_cache)
     scores = (qb & kb[None]).sum(-1)                                         # [N, T, H, keys]
     current = scores.astype(np.float32) * np.float32(scale)
     causal = np.arange(keys)[None, :] <= past + np.arange(n_new)[:, None]   # [N, keys]
@@ -87,8 +98,7 @@ def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num
         s = (u >= threshold).astype(np.float32)
         attn = (u >= threshold) & causal[:, None, :]                         # P[t], [N, H, keys]
         counts = np.einsum("nhk,hkd->nhd", attn.astype(np.int32), vb[t].astype(np.int32))
-        out[:, t] = counts.reshape(n_new, d)
-
+        out[:, t] = counts.reshape(n_new, num_heads * head_dim)
 
 
 def head_int8(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
