@@ -4,11 +4,13 @@ packed engine (:mod:`bispikclm.engine`)."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..validation import check_finite_weights, check_student_config, load_pretrained
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
     from ..engine import PackedEngine, quantize_
     from ..modeling import BiSpikCLMForCausalLM
@@ -40,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.int8_head and not args.int8:
         raise UserError("--int8-head needs --int8")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)) or (args.top_k is not None and args.top_k < 1):
+        raise UserError(f"--temperature must be a number >= 0 and --top-k >= 1, got {args.temperature}, {args.top_k}")
+    config = load_pretrained(AutoConfig.from_pretrained, checkpoint)
+    check_student_config(config, checkpoint)
     if args.threads:
         import numba
 
@@ -52,7 +58,15 @@ def run(args: argparse.Namespace) -> int:
     prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if prompt.numel() == 0:
         raise UserError("the prompt is empty")
-    model = BiSpikCLMForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens, the model "
+                        f"{config.vocab_size}; use the tokenizer the model was trained with")
+    if prompt.shape[1] + args.max_new_tokens > config.max_position_embeddings:
+        raise UserError(f"the prompt ({prompt.shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} exceed the "
+                        f"model's {config.max_position_embeddings} positions; shorten the prompt or generate fewer")
+    model = load_pretrained(BiSpikCLMForCausalLM.from_pretrained, checkpoint, weights=True, dtype=torch.float32)
+    model.eval()
+    check_finite_weights(model, checkpoint)
     if args.int8:
         quantize_(model, head=args.int8_head)
     streamer = TextStreamer(tokenizer, skip_prompt=True)

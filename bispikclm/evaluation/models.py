@@ -12,6 +12,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretr
 
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
+from ..validation import check_finite_weights, check_vocabulary, load_pretrained
 
 # Fields of BiSpikCLMConfig that can change at inference without retraining.
 SPIKING_OVERRIDES = ("threshold", "time_steps", "attn_threshold", "attn_chunk_size")
@@ -33,6 +34,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     unknown = set(overrides) - set(SPIKING_OVERRIDES)
     if unknown:
         raise UserError(f"cannot override {sorted(unknown)} at inference (known: {SPIKING_OVERRIDES})")
+    if overrides:   # from_pretrained sets them without checking: check a copy first
+        checked = copy.deepcopy(config)
+        for name, value in overrides.items():
+            setattr(checked, name, value)
+        checked._validate()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -40,7 +46,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     if not tokenizer.encode("The text", add_special_tokens=False):   # transformers builds an empty one
         raise UserError(f"{path!r} has no usable tokenizer (it encodes text to nothing); save the tokenizer "
                         f"beside the model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides).to(device).eval()
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, path, weights=True, dtype=dtype, **overrides)
+    model = model.to(device).eval()
+    check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
     return model, tokenizer
 
 
