@@ -23,7 +23,7 @@ from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
-from ..validation import check_text_file, check_types, need
+from ..validation import check_finite_weights, check_text_file, check_types, load_pretrained, need
 
 SECTIONS = ("teacher", "tokenizer", "data", "student", "train")
 # student.kind: the spiking student, or the ANN of exactly its shape (bispikclm.ann), the baseline for the price of
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(recipe["train"])
     if not args.resume and (Path(args.out) / "checkpoints" / "latest").is_file():
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it or use another folder")
-    teacher = load_teacher(str(recipe["teacher"]))
+    teacher = load_pretrained(load_teacher, recipe["teacher"])     # a damaged safetensors file is a UserError too
+    check_finite_weights(teacher, recipe["teacher"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(recipe.get("tokenizer") or recipe["teacher"]))
     except (OSError, ValueError) as err:
