@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .errors import InvalidConfig, UserError
 from .neurons import LEARNABLE, SURROGATES
+from .validation import check_types
 
 # Neuron groups; each can override beta / threshold / surrogate / alpha / detach_reset via `neuron_overrides`.
 # `ffn_gate` exists only in gated FFNs (ffn_type="gated").
@@ -114,8 +116,13 @@ class BiSpikCLMConfig(PretrainedConfig):
     def _validate(self) -> None:
         def need(cond: bool, field: str, what: str) -> None:
             if not cond:
-                raise ValueError(f"BiSpikCLMConfig.{field} {what}, got {getattr(self, field)!r}")
+                raise InvalidConfig(f"BiSpikCLMConfig.{field} {what}, got {getattr(self, field)!r}")
 
+        own = BiSpikCLMConfig.__annotations__
+        try:   # types first (strings, booleans for numbers, NaN), so that the range checks below can compare
+            check_types("BiSpikCLMConfig", {name: getattr(self, name) for name in own}, own)
+        except UserError as err:
+            raise InvalidConfig(str(err)) from None
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
                       "max_position_embeddings"):
             need(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field, "must be an integer >= 1")
@@ -123,7 +130,7 @@ class BiSpikCLMConfig(PretrainedConfig):
             need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  f"must be divisible by num_attention_heads={self.num_attention_heads} (or set head_dim)")
         else:
-            need(isinstance(self.head_dim, int) and self.head_dim >= 1, "head_dim", "must be an integer >= 1 or None")
+            need(self.head_dim >= 1, "head_dim", "must be an integer >= 1 or None")
         if self.num_key_value_heads is not None:
             need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads >= 1
                  and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",

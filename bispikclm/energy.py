@@ -49,6 +49,7 @@ from .modeling import NEURON_GROUP_OF, BiSpikCLMForCausalLM
 from .neurons import FiringRateRecorder, LIFNeuron
 from .spike_ops import SpikeLinear
 from .tracing import blocks_prefix, place, sections, trace_ops
+from .validation import check_finite_weights, check_text_file, check_types, check_vocabulary, load_pretrained
 
 #: Energy of each kind of operation, in units of the table's ``mac_pj`` and ``ac_pj``.
 KIND_COST = {
@@ -107,8 +108,13 @@ def load_energy_table(path: str | Path) -> EnergyTable:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read energy table {path}: {err}") from None
-    if not isinstance(data, dict) or not {"mac_pj", "ac_pj"} <= set(data) or set(data) - {"name", "mac_pj", "ac_pj"}:
+    except UnicodeDecodeError as err:
+        raise UserError(f"energy table {path} is not UTF-8 text ({err.reason})") from None
+    if not isinstance(data, dict) or not {"mac_pj", "ac_pj"} <= set(data):
         raise UserError(f"energy table {path} must hold keys mac_pj, ac_pj (and optionally name), got {data!r}")
+    check_types(f"energy table {path}", data, {"name": "str", "mac_pj": "float", "ac_pj": "float"})
+    if data["mac_pj"] <= 0 or data["ac_pj"] <= 0:
+        raise UserError(f"energy table {path}: mac_pj and ac_pj must be > 0, got {data['mac_pj']}, {data['ac_pj']}")
     return EnergyTable(name=str(data.get("name", Path(path).stem)), mac_pj=float(data["mac_pj"]),
                        ac_pj=float(data["ac_pj"]))
 
@@ -179,9 +185,12 @@ def text_token_ids(tokenizer, path: str | Path | None = None, seq_len: int = 512
                    max_length: int | None = None) -> torch.LongTensor:
     """The first ``num_sequences x seq_len`` tokens of a text file (default: WikiText-2 test) as ``[S, seq_len]``;
     ``max_length``: the model's number of positions, which ``seq_len`` may not exceed."""
+    if seq_len < 1 or num_sequences < 1:
+        raise UserError(f"the number of tokens and of sequences must be >= 1, got {seq_len} and {num_sequences}")
     if max_length is not None and seq_len > max_length:
         raise UserError(f"sequence length {seq_len} is beyond the model's {max_length} positions")
-    path = Path(path) if path is not None else default_text_path()
+    path = check_text_file(Path(path) if path is not None else default_text_path(),
+                           "text file" if path is not None else "text file (set BISPIKCLM_DATA or pass --text)")
     needed, ids = seq_len * num_sequences, []
     try:
         with path.open(encoding="utf-8") as handle:
@@ -366,15 +375,19 @@ def count_operations(model: nn.Module, input_ids: torch.LongTensor, name: str | 
 
 def load_checkpoint(path: str | Path):
     """``(model, tokenizer)`` saved with ``save_pretrained`` in folder ``path`` (a BiSpikCLM or any HF causal LM)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{path} is not a saved model folder (no config.json)")
+    load_pretrained(AutoConfig.from_pretrained, path)   # a bad config.json fails here, not as a tokenizer error
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise UserError(f"no tokenizer saved beside the model in {path}: {str(err).splitlines()[0]}") from None
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval(), tokenizer
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, path, weights=True).eval()
+    check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
+    return model, tokenizer
 
 
 def firing_rates_by_layer(rates: dict[str, float], blocks: str = "model.layers") -> dict[str, dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,13 @@ def wikitext_word_ids(data_dir):
     vocab = {w: i for i, (w, _) in enumerate(Counter(words["train"]).most_common(4095))}
     ids = {s: torch.tensor([vocab.get(w, 4095) for w in ws]) for s, ws in words.items()}
     return ids["train"], ids["valid"], 4096
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many bad-input cases ran, by kind (tests/test_bad_input.py), when that suite ran."""
+    module = sys.modules.get("test_bad_input")
+    cases = getattr(module, "CASES", None)
+    if cases:
+        terminalreporter.write_sep("-", f"bad-input cases: {sum(cases.values())} in {len(cases)} kinds")
+        for kind, count in sorted(cases.items()):
+            terminalreporter.write_line(f"{count:5d}  {kind}")

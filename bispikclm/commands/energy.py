@@ -32,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
     student, tokenizer = load_checkpoint(args.checkpoint)
     if not hasattr(student.config, "time_steps"):
         raise UserError(f"{args.checkpoint} is not a BiSpikCLM student ({type(student).__name__})")
-    if args.time_steps:
+    if args.time_steps is not None:
         student.config.time_steps = args.time_steps
+        student.config._validate()
     table = load_energy_table(args.energy_table) if args.energy_table else PRECISIONS[args.precision]
     input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences,
                                max_length=student.config.max_position_embeddings)

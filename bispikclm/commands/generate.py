@@ -6,11 +6,13 @@ continuations are printed side by side, e.g. a spiking student beside its teache
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 
 from ..errors import UserError
+from ..validation import check_finite_weights
 
 ENGINES = ("torch", "packed")
 
@@ -44,6 +46,7 @@ def load(spec: str, args: argparse.Namespace, tokenizer_spec: str | None = None)
     from ..modeling import BiSpikCLMForCausalLM
 
     model, tokenizer = load_pretrained(spec, tokenizer=tokenizer_spec)
+    check_finite_weights(model, spec)
     student = isinstance(model, BiSpikCLMForCausalLM)
     if not student:
         if args.engine == "packed":
@@ -56,11 +59,21 @@ def load(spec: str, args: argparse.Namespace, tokenizer_spec: str | None = None)
     return (PackedEngine.from_model(model, int8=args.int8) if engine == "packed" else model), tokenizer, engine
 
 
-def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
+def encode_prompt(tokenizer, prompt: str, positions: int | None = None, new_tokens: int = 0) -> torch.Tensor:
+    """The prompt's ids ``[1, N]``; UserError when it is empty or, with ``positions``, when it and ``new_tokens``
+    do not fit the model's positions."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.numel() == 0:
         raise UserError("the prompt is empty")
+    if positions is not None and ids.shape[1] + new_tokens > positions:
+        raise UserError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {new_tokens} exceed the model's "
+                        f"{positions} positions; shorten the prompt or generate fewer")
     return ids
+
+
+def _positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def generate_ids(model, engine: str, tokenizer, prompt: torch.Tensor, args: argparse.Namespace, streamer=None):
@@ -93,7 +106,7 @@ def continuations(specs: list[str], prompt: str, args: argparse.Namespace) -> li
     rows = []
     for i, spec in enumerate(specs):
         model, tokenizer, engine = load(spec, args, args.tokenizer if i == 0 else None)
-        ids = encode_prompt(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, prompt, _positions(model), args.max_new_tokens)
         start = time.perf_counter()
         new = generate_ids(model, engine, tokenizer, ids, args)
         rows.append({"model": spec, "engine": engine, "text": tokenizer.decode(new, skip_special_tokens=True),
@@ -121,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.int8_head and not args.int8:
         raise UserError("--int8-head needs --int8")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)) or (args.top_k is not None and args.top_k < 1):
+        raise UserError(f"--temperature must be a number >= 0 and --top-k >= 1, got {args.temperature}, {args.top_k}")
     if args.compare and args.temperature > 0:
         raise UserError("--compare continues the prompt greedily in every model; drop --temperature")
     if args.threads:
@@ -132,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         side_by_side(args.prompt, continuations([args.checkpoint, *args.compare], args.prompt, args))
         return 0
     model, tokenizer, engine = load(args.checkpoint, args, args.tokenizer)
-    generate_ids(model, engine, tokenizer, encode_prompt(tokenizer, args.prompt), args,
+    prompt = encode_prompt(tokenizer, args.prompt, _positions(model), args.max_new_tokens)
+    generate_ids(model, engine, tokenizer, prompt, args,
                  streamer=TextStreamer(tokenizer, skip_prompt=True))
     return 0

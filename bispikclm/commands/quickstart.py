@@ -24,13 +24,14 @@ import torch
 
 from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig
-from ..data import encode, load_texts, pack, train_tokenizer, unigram_log_probs
+from ..data import SPECIAL_TOKENS, encode, load_texts, pack, train_tokenizer, unigram_log_probs
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
 from ..errors import UserError
 from ..evaluation.perplexity import perplexity, windows
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
 from ..report import build_report
+from ..validation import check_text_file, check_types, need
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-tokens", type=int, help="score only the first N test tokens (default: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+SECTIONS = ("tokenizer", "teacher", "teacher_train", "student", "train")
+# the OPTConfig fields a quickstart teacher may set
+TEACHER_FIELDS = {"hidden_size": "int", "num_hidden_layers": "int", "num_attention_heads": "int", "ffn_dim": "int",
+                  "max_position_embeddings": "int", "dropout": "float", "attention_dropout": "float",
+                  "activation_function": "str", "init_std": "float"}
 
 
 def recipe_from_args(args: argparse.Namespace) -> dict:
@@ -122,7 +130,23 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     recipe = recipe_from_args(args)
+    # the whole recipe and the data are checked before the run folder is touched
+    check_types("recipe", recipe, dict.fromkeys(SECTIONS, "dict | None"))
+    check_types("teacher", recipe.get("teacher"), TEACHER_FIELDS)
+    for key, value in recipe["teacher"].items():
+        need(TEACHER_FIELDS[key] != "int" or value >= 1, f"teacher.{key}", "must be >= 1", value)
+    teacher_cfg = TrainConfig.from_dict(recipe.get("teacher_train", {}), "teacher_train")
+    student_cfg = TrainConfig.from_dict(recipe.get("train", {}))
+    check_types("tokenizer", recipe.get("tokenizer"), {"vocab_size": "int"})
+    need(recipe["tokenizer"].get("vocab_size", 0) >= 256 + len(SPECIAL_TOKENS), "tokenizer.vocab_size",
+         f"must be an integer >= {256 + len(SPECIAL_TOKENS)} (the byte alphabet and special tokens)",
+         recipe["tokenizer"].get("vocab_size"))
+    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__)
+    for split in ("train", "valid", "test"):
+        check_text_file(Path(args.data) / "wikitext-2" / f"{split}.txt", "WikiText-2 file (pass --data DIR)")
     out = Path(args.out)
+    if (out / "teacher" / "checkpoints" / "latest").is_file():
+        raise UserError(f"{out} already holds a quickstart run; use another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -132,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(str(out / "tokenizer"))
     timings["data_s"] = time.perf_counter() - start
 
-    teacher_cfg, student_cfg = TrainConfig.from_dict(recipe["teacher_train"]), TrainConfig.from_dict(recipe["train"])
     if teacher_cfg.early_stopping:    # a converged teacher: never fewer tokens than the students see
         teacher_cfg.min_tokens = max(teacher_cfg.min_tokens, student_cfg.tokens)
     context = teacher_cfg.seq_len

@@ -25,6 +25,7 @@ from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
+from ..validation import check_finite_weights, check_text_file, check_types, load_pretrained, need
 
 SECTIONS = ("teacher", "tokenizer", "data", "student", "train", "teacher_cache")
 # teacher_cache: {folder: DIR, top_k: K, batch_size: B}: run the teacher once over the training sequences and keep
@@ -70,10 +71,34 @@ def _detokenized(texts, how: str | None):
     return (wikitext_detokenizer({"page": text}) for text in texts)
 
 
+SOURCE_TYPES = {"source": "str", "split": "str", "name": "str | None", "text_field": "str",
+                "max_documents": "int | None", "max_tokens": "int | None",
+                "detokenize": "str | None"}
+
+
+def check_recipe(recipe: dict, name: str) -> None:
+    """UserError, before anything loads or is written, unless every section of the recipe has known keys and
+    values of the right types (the student's ranges are checked by BiSpikCLMConfig, the train section's by
+    TrainConfig.from_dict)."""
+    missing = [s for s in ("teacher", "data", "train") if s not in recipe]
+    if missing or set(recipe) - set(SECTIONS):
+        raise UserError(f"recipe {name!r} needs sections {SECTIONS} (missing {missing}, unknown "
+                        f"{sorted(set(recipe) - set(SECTIONS))})")
+    check_types("recipe", {k: recipe.get(k) for k in ("teacher", "tokenizer")},
+                {"teacher": "str", "tokenizer": "str | None"})
+    need(bool(recipe["teacher"].strip()), "recipe teacher", "must name a model or folder", recipe["teacher"])
+    check_types("data", recipe["data"], {"train": "dict", "valid": "dict"})
+    need("train" in recipe["data"], "data", "needs a train source", recipe["data"])
+    for split, source in recipe["data"].items():
+        check_types(f"data.{split}", source, SOURCE_TYPES)
+        need("source" in source, f"data.{split}", "needs 'source' (a text file, folder or dataset name)", source)
+        for key in ("max_documents", "max_tokens"):
+            if source.get(key) is not None:
+                need(source[key] >= 1, f"data.{split}.{key}", "must be >= 1", source[key])
+    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=("kind", "init"))
+
+
 def _text_args(source: dict) -> dict:
-    unknown = set(source) - set(SOURCE_FIELDS)
-    if "source" not in source or unknown:
-        raise UserError(f"a data source needs 'source' and takes only {SOURCE_FIELDS} (got {sorted(source)})")
     return dict(source=data_source(str(source["source"])), split=source.get("split", "train"), name=source.get("name"),
                 text_field=source.get("text_field", "text"), max_documents=source.get("max_documents"))
 
@@ -84,12 +109,36 @@ def sequences(source: dict, tokenizer, seq_len: int):
     return pack(ids[: source.get("max_tokens")], seq_len)
 
 
-def token_file(source: dict, tokenizer, seq_len: int, path: Path, tokenizer_name: str) -> TokenFile:
+def check_local_source(source: dict, split: str) -> None:
+    """UserError when a data source that names a local file or folder is missing, empty, binary or not UTF-8
+    (hub dataset names are checked when they load)."""
+    name = data_source(str(source["source"]))
+    path = Path(name)
+    if path.is_dir():
+        path = path / f"{source.get('split', 'train')}.txt"
+    if path.suffix == ".txt" or path.exists() or path.is_absolute() or name.startswith((".", "~")):
+        check_text_file(path, f"data.{split} file")
+
+
+def data_meta(source: dict, tokenizer, tokenizer_name: str) -> dict:
+    """What a token file was made from: the data source, the tokenizer's name and size."""
+    return {"data": {k: source.get(k) for k in SOURCE_FIELDS}, "tokenizer": tokenizer_name,
+            "vocab_size": len(tokenizer)}
+
+
+def check_resumed_data(path: Path, meta: dict) -> None:
+    """UserError when the token file of the run being resumed was made from other data or another tokenizer."""
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file() and json.loads(sidecar.read_text()).get("meta") != json.loads(json.dumps(meta)):
+        raise UserError(f"the run being resumed was tokenized from other data or another tokenizer ({sidecar}); "
+                        f"resume with the same recipe or use another output folder")
+
+
+def token_file(source: dict, tokenizer, seq_len: int, path: Path, meta: dict) -> TokenFile:
     """Packed sequences of one data source, tokenized once into ``path`` (streamed: the corpus never sits in
     memory) and memory-mapped; a run resumed in the same folder reuses the file."""
-    meta = {"data": {k: source.get(k) for k in SOURCE_FIELDS}, "tokenizer": tokenizer_name,
-            "vocab_size": len(tokenizer)}
-    tokenize_to_file(_detokenized(iter_texts(**_text_args(source)), source.get("detokenize")), tokenizer, path, max_tokens=source.get("max_tokens"),
+    tokenize_to_file(_detokenized(iter_texts(**_text_args(source)), source.get("detokenize")), tokenizer, path,
+                     max_tokens=source.get("max_tokens"),
                      meta=meta, label=f"dataset {source['source']!r} (split {source.get('split', 'train')!r})")
     return TokenFile(path, seq_len)
 
@@ -98,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     recipe = merge(load_recipe(args.recipe), parse_overrides(args.set))
-    missing = [s for s in ("teacher", "data", "train") if s not in recipe]
-    if missing or set(recipe) - set(SECTIONS):
-        raise UserError(f"recipe {args.recipe!r} needs sections {SECTIONS} (missing {missing}, unknown "
-                        f"{sorted(set(recipe) - set(SECTIONS))})")
+    check_recipe(recipe, args.recipe)
     config = TrainConfig.from_dict(recipe["train"])
-    teacher = load_teacher(str(recipe["teacher"]))
+    if not args.resume and (Path(args.out) / "checkpoints" / "latest").is_file():
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it or use another folder")
+    teacher = load_pretrained(load_teacher, recipe["teacher"])     # a damaged safetensors file is a UserError too
+    check_finite_weights(teacher, recipe["teacher"])
     tokenizer = load_tokenizer(str(recipe.get("tokenizer") or recipe["teacher"]))
     check_teacher(teacher, len(tokenizer), config.seq_len)
     student_section = dict(recipe.get("student") or {})
@@ -118,11 +167,16 @@ def run(args: argparse.Namespace) -> int:
     if config.seq_len > student_config.max_position_embeddings:
         raise UserError(f"sequence length {config.seq_len} is beyond the student's "
                         f"{student_config.max_position_embeddings} positions")
+    for split, source in recipe["data"].items():
+        check_local_source(source, split)
+    train_file = Path(args.out) / "data" / "train.bin"
+    meta = data_meta(recipe["data"]["train"], tokenizer, str(recipe.get("tokenizer") or recipe["teacher"]))
+    if args.resume:
+        check_resumed_data(train_file, meta)
+    val_seqs = sequences(recipe["data"]["valid"], tokenizer, config.seq_len) if "valid" in recipe["data"] else None
     # one process tokenizes; the others wait, then find the file complete and map it
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        train_seqs = token_file(recipe["data"]["train"], tokenizer, config.seq_len,
-                                Path(args.out) / "data" / "train.bin", str(recipe.get("tokenizer") or recipe["teacher"]))
-    val_seqs = sequences(recipe["data"]["valid"], tokenizer, config.seq_len) if "valid" in recipe["data"] else None
+        train_seqs = token_file(recipe["data"]["train"], tokenizer, config.seq_len, train_file, meta)
     torch.manual_seed(config.seed)
     student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
                else same_shape_ann(student_config, attn_implementation="eager"))

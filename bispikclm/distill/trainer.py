@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..errors import UserError
+from ..validation import check_train_settings
 from .losses import SpADLoss, SpikeCostLoss
 from .teacher import teacher_forward
 
@@ -68,11 +69,8 @@ class TrainConfig:
                    "firing_rates", "micro_batch_size")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise UserError(f"unknown train settings {sorted(unknown)} (known: {sorted(names)})")
+    def from_dict(cls, values: dict, where: str = "train") -> "TrainConfig":
+        check_train_settings(values, cls.__annotations__, where)
         values = dict(values)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])

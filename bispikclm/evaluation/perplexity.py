@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..neurons import FiringRateRecorder
+from ..validation import check_text_file
 from .models import check_context_length
 from .tasks import default_data_dir
 
@@ -58,6 +59,7 @@ def wikitext2_text(variant: str = "raw", data_dir: str | Path | None = None) -> 
     path = Path(data_dir or default_data_dir()) / WIKITEXT_FILES[variant]
     if not path.is_file():
         raise UserError(f"WikiText-2 file {path} not found; set --data-dir or $BISPIKCLM_DATA")
+    check_text_file(path, "WikiText-2 file")
     with path.open(encoding="utf-8") as handle:
         return "\n\n".join(line if line.strip() else "" for line in handle)
 
