@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bispikclm.evaluation.parity import harness_folder  # noqa: E402
 PAPER_TASKS = ("arc_easy", "arc_challenge", "winogrande", "boolq", "piqa", "hellaswag", "openbookqa", "headqa")
 
 
@@ -41,15 +43,16 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's)")
     parser.add_argument("--test-tokens", type=int, default=32768, help="first N tokens of the raw test split")
     parser.add_argument("--zeroshot-limit", type=int, default=100, help="first N items of each zero-shot task")
+    parser.add_argument("--parity-limit", type=int, default=60, help="items per task in the harness-parity table")
     parser.add_argument("--results", default=str(REPO / "results" / "smollm2"), help="results path stem")
     args = parser.parse_args()
     env = {**os.environ, "BISPIKCLM_DATA": str(Path(args.data).resolve()), "PYTHONPATH": str(REPO)}
     out, log, timings = args.out, [], {}
     out.mkdir(parents=True, exist_ok=True)
 
-    teacher = out / "teacher"   # the teacher as a plain float32 save_pretrained folder, loadable by every tool
-    if not (teacher / "config.json").is_file():
-        bispikclm("export", args.teacher, str(teacher), log=log, env=env)
+    # the teacher as a plain float32 save_pretrained folder (a GGUF file is dequantized and saved once), so that
+    # every tool, lm-evaluation-harness's own backend included, loads the same weights
+    teacher = Path(harness_folder(args.teacher))
     common = ["--set", f"teacher={teacher}", "--set", f"teacher_cache.folder={out / 'teacher_cache'}"]
     if args.tokens:
         common += ["--set", f"train.tokens={args.tokens}", "--set", f"data.train.max_tokens={args.tokens}"]
@@ -74,12 +77,30 @@ def main() -> int:
         if not zs.is_file():
             bispikclm("eval", "zeroshot", "--model", str(path), "--tasks", "paper", "--limit",
                       str(args.zeroshot_limit), "--out", str(zs.parent), "--data-dir", args.data, log=log, env=env)
+    parity = out / "eval" / "parity" / "parity.json"
+    if not parity.is_file():
+        bispikclm("eval", "parity", str(teacher), "--tasks", "paper", "--limit", str(args.parity_limit),
+                  "--out", str(parity.parent), "--data-dir", args.data, log=log, env=env)
     energy = out / "eval" / "energy.json"
     if not energy.is_file():
         bispikclm("energy", str(models["student"]), "--teacher", str(teacher), "--seq-len", "512",
                   "--json", str(energy), log=log, env=env)
+    cost = out / "eval" / "cost.json"
+    if not cost.is_file():   # both conventions, float32 and int8, memory traffic counted (bispikclm.energy)
+        cost.write_text(json.dumps(cost_tables(models, args.data), indent=1))
     write_results(args, out, models, log, timings)
     return 0
+
+
+def cost_tables(models: dict, data: str) -> dict:
+    """:func:`bispikclm.energy.honest_cost` of the spiking student against the teacher and against the ANN student,
+    on the first 512 tokens of WikiText-2 test."""
+    from bispikclm.energy import honest_cost, load_checkpoint, text_token_ids
+
+    student, tokenizer = load_checkpoint(models["student"])
+    ids = text_token_ids(tokenizer, Path(data) / "wikitext-2" / "test.txt", 512)
+    return {against: honest_cost(student, ids, ann=load_checkpoint(models[against])[0])
+            for against in ("teacher", "ann_student")}
 
 
 def _blocks_ratio(energy: dict) -> float:
@@ -112,9 +133,8 @@ def write_results(args, out: Path, models: dict, log: list[str], timings: dict) 
                    "teacher_mj_per_token": energy["ann"]["energy_mj_per_token"], "tokens": energy["tokens"]},
         "zeroshot_limit": args.zeroshot_limit,
     }
-    parity = out / "eval" / "parity.json"
-    if parity.is_file():
-        results["parity"] = json.loads(parity.read_text())
+    results["parity"] = json.loads((out / "eval" / "parity" / "parity.json").read_text())
+    results["cost_tables"] = json.loads((out / "eval" / "cost.json").read_text())
     Path(args.results + ".json").write_text(json.dumps(results, indent=1) + "\n")
     Path(args.results + ".md").write_text(markdown(results))
     print(markdown(results))
@@ -138,6 +158,11 @@ def markdown(results: dict) -> str:
     lines += ["", f"Spiking / ANN student (the price of spikes): x{results['ratio_to_ann_student']:.2f}. Energy per "
               f"token, student / teacher: {100 * e['student_to_teacher']:.1f}% everything counted, "
               f"{100 * e['blocks_student_to_teacher']:.1f}% blocks only (45 nm, float32 MAC 4.6 pJ / AC 0.9 pJ).", ""]
+    from bispikclm.energy import format_cost_table
+
+    for against in ("teacher", "ann_student"):
+        lines += [f"Energy per token, spiking student / {names[against]}, both conventions:", "",
+                  format_cost_table(results["cost_tables"][against]), ""]
     tasks = [t for t in PAPER_TASKS if t in rows["teacher"]["zeroshot"]]
     lines += ["| zero-shot acc (%) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for key, row in rows.items():

@@ -156,13 +156,21 @@ def load_config(spec: str | os.PathLike) -> PretrainedConfig:
 
 def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
     """The causal LM ``spec`` names, in ``dtype`` (float32 by default), in eval mode. ``kwargs`` go to
-    ``from_pretrained`` (``attn_implementation``, config overrides)."""
+    ``from_pretrained`` (``attn_implementation``, config overrides). A safetensors checkpoint must hold every weight
+    of the model in its shape, finite (a truncated, garbled or foreign file is a one-line error, not random weights)."""
+    from .validation import check_finite_weights, load_pretrained
+
     source = resolve(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs,
-                                                     **kwargs)
+        if source.gguf_file:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs,
+                                                         **kwargs)
+        else:
+            model = load_pretrained(AutoModelForCausalLM.from_pretrained, source.path, weights=True,
+                                    dtype=dtype or torch.float32, **kwargs)
     except LOAD_ERRORS as err:
         raise UserError(f"cannot load model {str(spec)!r}: {_reason(err)}") from None
+    check_finite_weights(model, spec)
     return model.eval()
 
 

@@ -26,6 +26,7 @@ from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig
 from ..data import SPECIAL_TOKENS, encode, load_texts, pack, train_tokenizer, unigram_log_probs
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..energy import format_cost_table, honest_cost, text_token_ids
 from ..errors import UserError
 from ..evaluation.perplexity import perplexity, windows
 from ..modeling import BiSpikCLMForCausalLM
@@ -217,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
                          "teacher_mj_per_token": energy["ann"]["energy_mj_per_token"],
                          "ratio": energy["ratio"], "blocks_ratio": blocks_ratio(energy),
                          "head_percent_of_student": head_share(energy), "tokens": energy["tokens"]}
+    # both conventions (the paper's: blocks, arithmetic; everything, with memory traffic) at float32 and int8
+    text_ids = text_token_ids(tokenizer, Path(args.data) / "wikitext-2" / "test.txt", min(256, context))
+    results["cost_table"] = honest_cost(students["student"], text_ids, ann=teacher)
     results["audit_blocks_clean"] = audit["blocks_clean"]
     results["report"] = str(report_html)
     timings["report_s"] = time.perf_counter() - start
@@ -228,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_curves(out)
     print_table(results, context, config.time_steps, config.spiking_head)
+    print("\nEnergy per token against the teacher, both conventions (docs/energy.md):")
+    print(format_cost_table(results["cost_table"]))
     rates = results["student_firing_rates"]
     print("student firing rates: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     print(f"MatMul-free audit of the blocks: {'clean' if results['audit_blocks_clean'] else 'NOT CLEAN'}")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoints import load_causal_lm, load_config, load_tokenizer, resolve
+from ..checkpoints import load_causal_lm, load_config, load_tokenizer
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
-from ..validation import check_finite_weights, check_vocabulary, load_pretrained
+from ..validation import check_vocabulary
 
 # Fields of BiSpikCLMConfig that can change at inference without retraining.
 SPIKING_OVERRIDES = ("threshold", "time_steps", "attn_threshold", "attn_chunk_size")
@@ -40,14 +40,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
             setattr(checked, name, value)
         checked._validate()
     tokenizer = load_tokenizer(path)
-    source = resolve(path)
-    if source.kwargs:   # a GGUF file: dequantized by transformers, every weight comes from the file
-        model = load_causal_lm(path, dtype=dtype, **overrides)
-    else:               # a damaged, partial or mismatched safetensors checkpoint is a one-line error
-        model = load_pretrained(AutoModelForCausalLM.from_pretrained, source.path, weights=True, dtype=dtype,
-                                **overrides)
-    model = model.to(device).eval()
-    check_finite_weights(model, path)
+    model = load_causal_lm(path, dtype=dtype, **overrides).to(device)   # damaged checkpoints: one-line errors
     check_vocabulary(model, tokenizer, path)
     return model, tokenizer
 
