@@ -299,12 +299,12 @@ def test_quickstart_rejects_bad_recipe(data, data_dir, capsys):
     section = data.draw(st.sampled_from(["tokenizer", "teacher", "teacher_train", "student", "train"]))
     if data.draw(st.booleans()):
         recipe[section][data.draw(NAMES.filter(lambda k: k not in recipe[section]))] = 1
-        kind = f"recipe: unknown key ({section})"
+        kind = f"quickstart recipe: unknown key ({section})"
     else:
         key = data.draw(st.sampled_from(sorted(recipe[section])))
         recipe[section][key] = data.draw(wrong_type({dict: "dict", str: "str", float: "float"}.get(
             type(recipe[section][key]), "int")))
-        kind = f"recipe: wrong type ({section})"
+        kind = f"quickstart recipe: wrong type ({section})"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         expect_error(["quickstart", "--recipe", save_recipe(recipe, Path(tmp)), "--data", data_dir, "--out", out,
@@ -503,14 +503,18 @@ def test_fresh_processes_exit_2_without_traceback(models, recipe, results, tmp_p
     (damaged / "model.safetensors").write_bytes(data[: len(data) // 3])
     recipe_path = save_recipe({**recipe, "train": {**recipe["train"], "lr": "fast"}}, tmp_path)
     before = snapshot(results)
-    for args, names in ((["audit", str(damaged), "--json", str(results / "audit.json")], (str(damaged),)),
-                        (["train", recipe_path, "--out", str(tmp_path / "run")], ("train.lr",))):
-        argv, env = cli_command(*map(str, args))
+    cases = ((["audit", str(damaged), "--json", str(results / "audit.json")], (str(damaged),)),
+             (["train", str(recipe_path), "--out", str(tmp_path / "run")], ("train.lr",)))
+    running = []
+    for args, _ in cases:                  # both at once: most of their time is importing torch
+        argv, env = cli_command(*args)
         if args[0] != "train":
             argv.remove("--no-progress")
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-        message = done.stderr.strip().splitlines()[-1]
+        running.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for (args, names), process in zip(cases, running):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+        message = stderr.strip().splitlines()[-1]
         assert message.startswith(f"bispikclm {args[0]}: error: ") and all(n in message for n in names), message
         CASES["fresh process"] += 1
     assert snapshot(results) == before and not (tmp_path / "run").exists()
