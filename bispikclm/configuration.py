@@ -125,19 +125,19 @@ class BiSpikCLMConfig(PretrainedConfig):
             raise InvalidConfig(str(err)) from None
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
                       "max_position_embeddings"):
-            need(isinstance(getattr(self, field), int) and getattr(self, field) >= 1, field, "must be an integer >= 1")
+            need(getattr(self, field) >= 1, field, "must be an integer >= 1")
         if self.head_dim is None:
             need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                  f"must be divisible by num_attention_heads={self.num_attention_heads} (or set head_dim)")
         else:
             need(self.head_dim >= 1, "head_dim", "must be an integer >= 1 or None")
         if self.num_key_value_heads is not None:
-            need(isinstance(self.num_key_value_heads, int) and self.num_key_value_heads >= 1
+            need(self.num_key_value_heads >= 1
                  and self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
                  f"must be an integer >= 1 dividing num_attention_heads={self.num_attention_heads}")
         need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
         need(self.ffn_gate in FFN_GATES, "ffn_gate", f"must be one of {FFN_GATES}")
-        need(isinstance(self.time_steps, int) and self.time_steps >= 1, "time_steps", "must be an integer >= 1")
+        need(self.time_steps >= 1, "time_steps", "must be an integer >= 1")
         need(0.0 < self.beta < 1.0, "beta", "must be in (0, 1)")
         need(self.threshold > 0, "threshold", "must be > 0")
         need(self.attn_threshold > 0, "attn_threshold", "must be > 0")

@@ -52,24 +52,28 @@ def need(condition: bool, where: str, what: str, value) -> None:
 
 
 def check_text_file(path: str | Path, what: str = "text file") -> Path:
-    """``path`` if it is a readable, non-empty UTF-8 text file; a UserError naming it otherwise (missing, a
-    folder, empty, binary, or not UTF-8). Reads the file once, in blocks."""
+    """``path`` if it is a readable, non-empty UTF-8 text file; else a UserError ``cannot read {what} {path}:
+    {reason}`` (not found, a folder, binary, not UTF-8, no text). Reads the file once, in blocks."""
     path = Path(path)
+
+    def fail(reason: str):
+        raise UserError(f"cannot read {what} {path}: {reason}")
+
     if not path.is_file():
-        raise UserError(f"{what} {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+        fail("it is a folder" if path.is_dir() else "no such file")
     any_text = False
     try:
         with path.open(encoding="utf-8") as handle:
             while block := handle.read(1 << 20):
                 if "\x00" in block:
-                    raise UserError(f"{what} {path} is binary (it holds NUL bytes), not text")
+                    fail("it is binary (it holds NUL bytes), not text")
                 any_text = any_text or bool(block.strip())
     except UnicodeDecodeError as err:
-        raise UserError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+        fail(f"it is not UTF-8 text (byte {err.start} of a block: {err.reason})")
     except OSError as err:
-        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+        fail(str(err.strerror))
     if not any_text:
-        raise UserError(f"{what} {path} holds no text")
+        fail("it holds no text")
     return path
 
 

@@ -136,12 +136,12 @@ NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12)
 NOT_A_NUMBER = st.one_of(st.text(max_size=6), st.booleans(), st.lists(st.integers(), max_size=2),
                          st.dictionaries(NAMES, st.integers(), max_size=1))
 NOT_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+FRACTIONS = st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: v != int(v))   # not whole numbers
 
 
 def bad_int(low: int) -> st.SearchStrategy:
     """Not an integer >= ``low``: too small, a float, not finite, not a number."""
-    return st.one_of(st.integers(max_value=low - 1), st.floats(allow_nan=False).filter(lambda v: v != int(v)
-                     if math.isfinite(v) else True), NOT_FINITE, NOT_A_NUMBER, st.none())
+    return st.one_of(st.integers(max_value=low - 1), FRACTIONS, NOT_FINITE, NOT_A_NUMBER, st.none())
 
 
 def bad_float(low: float, high: float | None = None, open_low: bool = True) -> st.SearchStrategy:
@@ -163,7 +163,7 @@ CONFIG_VALUES = {
                                "max_position_embeddings", "time_steps")},
     "threshold": bad_float(0.0), "attn_threshold": bad_float(0.0), "beta": bad_float(0.0, 1.0, open_low=False),
     "input_rate": bad_float(0.0, 1.0), "residual_scale": bad_float(0.0), "input_gain": bad_float(0.0),
-    "attn_chunk_size": bad_int(1).filter(lambda v: v is not None), "head_dim": bad_int(1).filter(lambda v: v is not None),
+    **{f: bad_int(1).filter(lambda v: v is not None) for f in ("attn_chunk_size", "head_dim")},   # None is valid
     "ffn_type": bad_choice(("mlp", "gated")), "ffn_gate": bad_choice(("select", "and")),
     "surrogate": bad_choice(tuple(SURROGATES)),
     "neuron_backend": bad_choice(("lean", "reference")),
@@ -191,18 +191,13 @@ BAD_CONFIG = st.one_of(
 
 def wrong_type(annotation: str) -> st.SearchStrategy:
     """Values that are not of the (simple) annotation."""
-    kinds = {"int": st.one_of(st.text(min_size=1, max_size=5), st.floats(allow_nan=False).filter(lambda v: v != int(v)
-                                                                              if math.isfinite(v) else True),
-                              st.booleans(), NOT_FINITE),
+    kinds = {"int": st.one_of(st.text(min_size=1, max_size=5), FRACTIONS, st.booleans(), NOT_FINITE),
              "float": st.one_of(st.text(min_size=1, max_size=5), st.booleans(), NOT_FINITE, st.lists(st.integers())),
              "str": st.one_of(st.integers(), st.lists(st.integers(), max_size=2), st.booleans()),
              "bool": st.one_of(st.integers(), st.text(min_size=1, max_size=5)),
              "dict": st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)),
              "tuple": st.one_of(st.integers(), st.text(max_size=5), st.lists(st.text(min_size=1), min_size=1))}
     return kinds[annotation.split("|")[0].strip().split("[")[0]]
-
-
-TRAIN_TYPES = {k: v for k, v in TrainConfig.__annotations__.items() if k != "OPERATIONAL"}
 
 
 @st.composite
@@ -218,7 +213,7 @@ def bad_recipe_edit(draw, recipe: dict) -> tuple[str, dict]:
     node, known = {"data": (recipe["data"], {"train": "dict", "valid": "dict"}),
                    "data.train": (recipe["data"]["train"], SOURCE_TYPES),
                    "student": (recipe["student"], BiSpikCLMConfig.__annotations__),
-                   "train": (recipe["train"], TRAIN_TYPES)}[section]
+                   "train": (recipe["train"], TrainConfig.__annotations__)}[section]
     if unknown:
         node[draw(NAMES.filter(lambda k: k not in known and k not in ("kind", "init")))] = draw(st.integers())
         return f"recipe: unknown key ({section.split('.')[0]})", recipe
@@ -299,12 +294,12 @@ def test_quickstart_rejects_bad_recipe(data, data_dir, capsys):
     section = data.draw(st.sampled_from(["tokenizer", "teacher", "teacher_train", "student", "train"]))
     if data.draw(st.booleans()):
         recipe[section][data.draw(NAMES.filter(lambda k: k not in recipe[section]))] = 1
-        kind = f"recipe: unknown key ({section})"
+        kind = f"quickstart recipe: unknown key ({section})"
     else:
         key = data.draw(st.sampled_from(sorted(recipe[section])))
         recipe[section][key] = data.draw(wrong_type({dict: "dict", str: "str", float: "float"}.get(
             type(recipe[section][key]), "int")))
-        kind = f"recipe: wrong type ({section})"
+        kind = f"quickstart recipe: wrong type ({section})"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         expect_error(["quickstart", "--recipe", save_recipe(recipe, Path(tmp)), "--data", data_dir, "--out", out,
@@ -503,14 +498,18 @@ def test_fresh_processes_exit_2_without_traceback(models, recipe, results, tmp_p
     (damaged / "model.safetensors").write_bytes(data[: len(data) // 3])
     recipe_path = save_recipe({**recipe, "train": {**recipe["train"], "lr": "fast"}}, tmp_path)
     before = snapshot(results)
-    for args, names in ((["audit", str(damaged), "--json", str(results / "audit.json")], (str(damaged),)),
-                        (["train", recipe_path, "--out", str(tmp_path / "run")], ("train.lr",))):
-        argv, env = cli_command(*map(str, args))
+    cases = ((["audit", str(damaged), "--json", str(results / "audit.json")], (str(damaged),)),
+             (["train", str(recipe_path), "--out", str(tmp_path / "run")], ("train.lr",)))
+    running = []
+    for args, _ in cases:                  # both at once: most of their time is importing torch
+        argv, env = cli_command(*args)
         if args[0] != "train":
             argv.remove("--no-progress")
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-        message = done.stderr.strip().splitlines()[-1]
+        running.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for (args, names), process in zip(cases, running):
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+        message = stderr.strip().splitlines()[-1]
         assert message.startswith(f"bispikclm {args[0]}: error: ") and all(n in message for n in names), message
         CASES["fresh process"] += 1
     assert snapshot(results) == before and not (tmp_path / "run").exists()

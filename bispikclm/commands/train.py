@@ -117,7 +117,7 @@ def check_local_source(source: dict, split: str) -> None:
     if path.is_dir():
         path = path / f"{source.get('split', 'train')}.txt"
     if path.suffix == ".txt" or path.exists() or path.is_absolute() or name.startswith((".", "~")):
-        check_text_file(path, f"data.{split} file")
+        check_text_file(path, f"text file (data.{split})")
 
 
 def data_meta(source: dict, tokenizer, tokenizer_name: str) -> dict:
