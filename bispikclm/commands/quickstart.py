@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..configuration import BiSpikCLMConfig
-from ..data import encode, load_texts, pack, train_tokenizer, unigram_log_probs
+from ..data import default_data_dir, encode, load_texts, pack, train_tokenizer, unigram_log_probs
 from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
 from ..errors import UserError
 from ..evaluation.perplexity import perplexity, windows
@@ -29,9 +29,9 @@ from ..report import build_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=os.environ.get("BISPIKCLM_DATA", "../shared/data"),
+    parser.add_argument("--data", default=str(default_data_dir()),
                         help="folder holding wikitext-2/{train,valid,test}.txt (default: $BISPIKCLM_DATA or "
-                             "../shared/data)")
+                             "<repo>/../shared/data)")
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     parser.add_argument("--recipe", default="quickstart", help="recipe name or YAML file (default: quickstart)")
     parser.add_argument("--teacher-tokens", type=int, help="teacher training tokens (recipe: teacher_train.tokens)")

@@ -17,8 +17,8 @@ import torch
 
 from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig, has_rotary_positions
-from ..data import TokenFile, encode, iter_texts, load_texts, pack, tokenize_to_file
-from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..data import training_data
+from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
 from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
@@ -39,35 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-SOURCE_FIELDS = ("source", "split", "name", "text_field", "max_documents", "max_tokens")
-
-
-def _text_args(source: dict) -> dict:
-    unknown = set(source) - set(SOURCE_FIELDS)
-    if "source" not in source or unknown:
-        raise UserError(f"a data source needs 'source' and takes only {SOURCE_FIELDS} (got {sorted(source)})")
-    return dict(source=str(source["source"]), split=source.get("split", "train"), name=source.get("name"),
-                text_field=source.get("text_field", "text"), max_documents=source.get("max_documents"))
-
-
-def sequences(source: dict, tokenizer, seq_len: int):
-    """Packed sequences ``[n, seq_len]`` of one data source (see :data:`SOURCE_FIELDS`), in memory."""
-    ids = encode(load_texts(**_text_args(source)), tokenizer)
-    return pack(ids[: source.get("max_tokens")], seq_len)
-
-
-def token_file(source: dict, tokenizer, seq_len: int, path: Path, tokenizer_name: str) -> TokenFile:
-    """Packed sequences of one data source, tokenized once into ``path`` (streamed: the corpus never sits in
-    memory) and memory-mapped; a run resumed in the same folder reuses the file."""
-    meta = {"data": {k: source.get(k) for k in SOURCE_FIELDS}, "tokenizer": tokenizer_name,
-            "vocab_size": len(tokenizer)}
-    tokenize_to_file(iter_texts(**_text_args(source)), tokenizer, path, max_tokens=source.get("max_tokens"),
-                     meta=meta, label=f"dataset {source['source']!r} (split {source.get('split', 'train')!r})")
-    return TokenFile(path, seq_len)
-
-
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
     from transformers import AutoTokenizer
 
     recipe = merge(load_recipe(args.recipe), parse_overrides(args.set))
@@ -76,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"recipe {args.recipe!r} needs sections {SECTIONS} (missing {missing}, unknown "
                         f"{sorted(set(recipe) - set(SECTIONS))})")
     config = TrainConfig.from_dict(recipe["train"])
-    teacher = load_teacher(str(recipe["teacher"]))
+    teacher = load_teacher(str(recipe["teacher"]), dtype=TEACHER_DTYPES[config.teacher_dtype])
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(recipe.get("tokenizer") or recipe["teacher"]))
     except (OSError, ValueError) as err:
@@ -94,11 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if config.seq_len > student_config.max_position_embeddings:
         raise UserError(f"sequence length {config.seq_len} is beyond the student's "
                         f"{student_config.max_position_embeddings} positions")
-    # one process tokenizes; the others wait, then find the file complete and map it
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        train_seqs = token_file(recipe["data"]["train"], tokenizer, config.seq_len,
-                                Path(args.out) / "data" / "train.bin", str(recipe.get("tokenizer") or recipe["teacher"]))
-    val_seqs = sequences(recipe["data"]["valid"], tokenizer, config.seq_len) if "valid" in recipe["data"] else None
+    train_seqs, val_seqs = training_data(recipe["data"], tokenizer, config.seq_len, Path(args.out) / "data",
+                                         str(recipe.get("tokenizer") or recipe["teacher"]))
     torch.manual_seed(config.seed)
     student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
                else same_shape_ann(student_config, attn_implementation="eager"))
