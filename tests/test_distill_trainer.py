@@ -290,3 +290,14 @@ def test_teacher_dtype_is_pinned(setup, tmp_path, capsys):
     assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress",
                  "--set", "train.teacher_dtype=float16"]) == 2
     assert "train.teacher_dtype must be one of" in error_line(capsys)
+
+
+def test_shipped_recipes_have_valid_train_sections():
+    from bispikclm.distill import TrainConfig
+    from bispikclm.recipes import RECIPES, load_recipe
+
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert {"opt-125m", "opt-1.3b", "smollm2-135m", "quickstart"} <= set(names)
+    for name in names:
+        config = TrainConfig.from_dict(load_recipe(name)["train"])
+        assert config.batch_size % (config.micro_batch_size or config.batch_size) == 0, name
