@@ -263,9 +263,20 @@ def test_weight_decay_spares_biases_norms_gains_thresholds_and_leaks(wikitext_wo
 
 
 def test_gradient_checkpointing_option_gives_the_same_run(wikitext_word_ids, tmp_path):
-    """`train.gradient_checkpointing: true` recomputes each block in backward: same losses, norms and weights."""
+    """`train.gradient_checkpointing: true` recomputes each block in backward: same losses, norms and weights,
+    and the forward keeps less for the backward."""
     runs = [tiny_trainer(wikitext_word_ids, tmp_path / str(on), gradient_checkpointing=on) for on in (False, True)]
     assert [r.model.model.layers[0].gradient_checkpointing for r in runs] == [False, True]
+    saved = []
+    for run in runs:
+        sizes = {}
+        pack = lambda t: sizes.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
+        run.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run._forward(run.micro_batch(0, 0), False)
+        params = {p.untyped_storage().data_ptr() for p in run.model.parameters()}
+        saved.append(sum(n for ptr, n in sizes.items() if ptr not in params))
+    assert saved[1] < 0.75 * saved[0], saved         # the vocabulary-sized logits outside the blocks stay
     for _ in range(3):
         a, b = (r.train_step() for r in runs)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
