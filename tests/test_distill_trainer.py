@@ -207,22 +207,28 @@ def tiny_trainer(wikitext_word_ids, out, **train):
     return Trainer(student, config, pack(ids[:4096], 32), None, out, progress=False)
 
 
+def with_loss_scaler(trainer, scale: float, monkeypatch) -> torch.amp.GradScaler:
+    """Give ``trainer`` the loss scaling accelerate sets up for fp16 on a GPU (a real GradScaler, on the CPU)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    acc = trainer.accelerator
+    acc.scaler, acc.native_amp = scaler, True
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, scaler=scaler)
+    acc._optimizers = [trainer.optimizer]
+    return scaler
+
+
 def test_clipping_uses_the_unscaled_norm_under_an_fp16_loss_scaler(wikitext_word_ids, tmp_path, monkeypatch):
     """fp16 training scales the loss (and so the gradients) by the loss scale. A real GradScaler on the
     accelerator, as fp16 on a GPU sets it up: the norm and the clipped update must be those of the unscaled
     gradients (a power-of-two scale is exact, so the runs agree bit for bit), not ones a 4096 times larger norm
     clips."""
-    from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
-
     plain = tiny_trainer(wikitext_word_ids, tmp_path / "plain", clip=0.1)
     scaled = tiny_trainer(wikitext_word_ids, tmp_path / "scaled", clip=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
-    acc = scaled.accelerator
-    acc.scaler, acc.native_amp = scaler, True
-    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
-    scaled.optimizer = AcceleratedOptimizer(scaled.optimizer.optimizer, scaler=scaler)
-    acc._optimizers = [scaled.optimizer]
+    scaler = with_loss_scaler(scaled, 2.0 ** 12, monkeypatch)
     for _ in range(3):
         a, b = plain.train_step(), scaled.train_step()
         assert a["grad_norm"] > 0.1 and not b["skipped"]            # the clip is active
@@ -230,6 +236,17 @@ def test_clipping_uses_the_unscaled_norm_under_an_fp16_loss_scaler(wikitext_word
     assert scaler.get_scale() == 2.0 ** 12                          # every scaled step was taken
     for (name, p), q in zip(plain.model.named_parameters(), scaled.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_loss_scale_overflow_is_skipped_and_lowers_the_scale_without_counting_as_divergence(
+        wikitext_word_ids, tmp_path, monkeypatch):
+    trainer = tiny_trainer(wikitext_word_ids, tmp_path, spike_cost=1000.0)    # gradients up to about 14
+    scaler = with_loss_scaler(trainer, 2.0 ** 127, monkeypatch)       # so the scaled ones overflow float32
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    assert metrics["skipped"] and trainer.skipped == 1 and trainer.bad_steps == 0
+    assert scaler.get_scale() == 2.0 ** 126
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
 def test_clipped_gradients_are_the_gradients_times_clip_over_their_norm(wikitext_word_ids, tmp_path):

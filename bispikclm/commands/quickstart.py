@@ -20,7 +20,7 @@ import torch
 
 from ..configuration import BiSpikCLMConfig
 from ..data import default_data_dir, encode, load_texts, pack, train_tokenizer, unigram_log_probs
-from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
 from ..errors import UserError
 from ..evaluation.perplexity import perplexity, windows
 from ..modeling import BiSpikCLMForCausalLM
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     trained = Trainer(OPTForCausalLM(opt_config), teacher_cfg, train_seqs, val_seqs, out / "teacher",
                       progress=progress, tokenizer=tokenizer).fit()
     timings["teacher_train_s"] = time.perf_counter() - start
-    teacher = load_teacher(str(out / "teacher" / "model"))
+    teacher = load_teacher(str(out / "teacher" / "model"), dtype=TEACHER_DTYPES[student_cfg.teacher_dtype])
     check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
 
     start = time.perf_counter()

@@ -267,7 +267,7 @@ class Trainer:
             self.bad_steps = 0
         else:
             if acc.scaler is not None:
-                self.optimizer.step()   # fp16: the loss scaler sees the Inf, skips the update and lowers its scale
+                acc.scaler.update()     # fp16: no update; the loss scaler lowers its scale after an Inf
             # an overflow of the fp16 loss scale is not divergence: the scaler recovers from it
             self.bad_steps += 1 if acc.scaler is None or not loss_finite else 0
             self.skipped += 1
