@@ -22,7 +22,7 @@ import torch
 
 from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
 from bispikclm.configuration import BiSpikCLMConfig
-from bispikclm.data import pack
+from bispikclm.data import default_data_dir, pack
 from bispikclm.distill import DEFAULT_WEIGHTS, TERMS, TrainConfig, Trainer, load_teacher
 from bispikclm.evaluation.perplexity import perplexity
 from bispikclm.modeling import BiSpikCLMForCausalLM
@@ -39,7 +39,7 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("BISPIKCLM_DATA", "../shared/data"))
+    parser.add_argument("--data", default=str(default_data_dir()))
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--results", default="results/ablation.json")
     parser.add_argument("--teacher", help="saved teacher folder (default: train the quickstart teacher)")

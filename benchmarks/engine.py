@@ -35,6 +35,7 @@ from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
 from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, spike_agreement  # noqa: E402
+from bispikclm.data import default_data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = {"linear_spikes": "linears", "linear_counts": "linears", "sfsa": "attention", "lif": "neurons",
@@ -238,7 +239,7 @@ def speed_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--decode", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("BISPIKCLM_DATA", REPO.parent / "shared" / "data")))
+    parser.add_argument("--data", type=Path, default=default_data_dir())
     return parser
 
 

@@ -41,7 +41,7 @@ def corpus_ids(tokens: int) -> torch.Tensor:
     """The first ``tokens`` ids of WikiText-2 raw test under a 4,096-token BPE trained on WikiText-2 train."""
     from tokenizers import ByteLevelBPETokenizer
 
-    from bispikclm.evaluation.tasks import default_data_dir
+    from bispikclm.data import default_data_dir
 
     with open(default_data_dir() / "wikitext-2" / "train.txt", encoding="utf-8") as handle:
         lines = [next(handle) for _ in range(20000)]

@@ -24,7 +24,7 @@ import torch
 
 from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
 from bispikclm.configuration import BiSpikCLMConfig
-from bispikclm.data import pack
+from bispikclm.data import default_data_dir, pack
 from bispikclm.distill import TrainConfig, Trainer, load_teacher
 from bispikclm.distill.init import init_from_teacher
 from bispikclm.ann import same_shape_ann
@@ -103,8 +103,6 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from bispikclm.data import default_data_dir
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(default_data_dir()))
     parser.add_argument("--run-dir", default="runs/quickstart", help="quickstart run folder with the teacher")

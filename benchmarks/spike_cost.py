@@ -26,7 +26,7 @@ import torch
 
 from bispikclm.commands.quickstart import blocks_ratio, unigram_perplexity, wikitext_ids
 from bispikclm.configuration import BiSpikCLMConfig
-from bispikclm.data import pack
+from bispikclm.data import default_data_dir, pack
 from bispikclm.distill import TrainConfig, Trainer, load_teacher
 from bispikclm.energy import EnergyTable, count_operations, energy_report
 from bispikclm.evaluation.perplexity import perplexity
@@ -79,7 +79,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("BISPIKCLM_DATA", "../shared/data"))
+    parser.add_argument("--data", default=str(default_data_dir()))
     parser.add_argument("--teacher", default="runs/quickstart/teacher", help="trained quickstart teacher folder")
     parser.add_argument("--variants", nargs="+", default=["ln:0", "spiking:0", "spiking:1", "spiking:3",
                                                             "spiking:10", "spiking:30"])

@@ -1,6 +1,8 @@
 """Corpora and tokenization: text from local files or the Hugging Face hub, a byte-level BPE tokenizer trained
 with ``tokenizers``, and token streams packed into fixed-length training sequences, in memory (:func:`pack`) or
-on disk for corpora larger than memory (:func:`tokenize_to_file`, :class:`TokenFile`).
+on disk for corpora larger than memory (:func:`tokenize_to_file`, :class:`TokenFile`). :func:`training_data`
+turns a recipe's ``data`` section into training and validation sequences; :func:`default_data_dir` is the data
+folder every command and benchmark defaults to.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from .errors import UserError
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
+#: Keys of one data source of a recipe (``data.train``, ``data.valid``)
+SOURCE_FIELDS = ("source", "split", "name", "text_field", "max_documents", "max_tokens", "detokenize", "separators")
 
 
 def default_data_dir() -> Path:
-    """The data folder: ``$BISPIKCLM_DATA`` if set, else ``../shared/data`` (relative to the working directory)."""
-    return Path(os.environ.get("BISPIKCLM_DATA", "../shared/data"))
+    """The data folder (WikiText-2, zero-shot tasks): ``$BISPIKCLM_DATA`` if set, else ``<repo>/../shared/data``."""
+    env = os.environ.get("BISPIKCLM_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def iter_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",
@@ -89,11 +94,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, cache_dir: str
     return tokenizer
 
 
-def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int = 1000) -> torch.Tensor:
-    """All ``texts`` tokenized and concatenated into one stream of token ids ``[num_tokens]``."""
+def _tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, separators: bool) -> list[list[int]]:
+    """Token ids of each text; with ``separators``, each text is a document: blank ones are dropped and the others
+    get the tokenizer's BOS before (when it has one distinct from EOS) and its EOS after (when it has one)."""
+    if not separators:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    texts = [t for t in texts if t.strip()]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None and bos != eos else []
+    tail = [eos] if eos is not None else []
+    return [head + row + tail for row in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int = 1000,
+           separators: bool = False) -> torch.Tensor:
+    """All ``texts`` tokenized and concatenated into one stream of token ids ``[num_tokens]``; with
+    ``separators``, every text is a document between the tokenizer's BOS/EOS (see :func:`_tokenize`)."""
     ids: list[int] = []
     for start in range(0, len(texts), batch_size):
-        for row in tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]:
+        for row in _tokenize(texts[start:start + batch_size], tokenizer, separators):
             ids.extend(row)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -108,7 +127,7 @@ def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def tokenize_to_file(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, path: str | Path,
                      max_tokens: int | None = None, batch_size: int = 1000, meta: dict | None = None,
-                     label: str | None = None) -> Path:
+                     label: str | None = None, separators: bool = False) -> Path:
     """Tokenize ``texts`` as :func:`encode` does (same ids, concatenated) straight into the binary file ``path``
     (``uint16`` when the vocabulary fits, else ``uint32``), reading documents only until ``max_tokens`` are
     written. Memory stays at one batch of documents, so the corpus may be far larger than memory.
@@ -129,7 +148,7 @@ def tokenize_to_file(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, p
     with tmp.open("wb") as out:
         def flush() -> bool:
             nonlocal written
-            for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            for row in _tokenize(batch, tokenizer, separators):
                 row = row[: max_tokens - written] if max_tokens is not None else row
                 out.write(np.asarray(row, dtype=dtype).tobytes())
                 written += len(row)
@@ -189,6 +208,79 @@ class TokenFile:
         if isinstance(index, torch.Tensor):
             index = index.tolist()
         return torch.from_numpy(self.tokens[index].astype(np.int64))
+
+
+# detokenize: "wikitext" turns WikiText's word-level tokenization ("a @-@ b , c") back into running text, as the raw
+# test split and pretrained tokenizers see it (lm-evaluation-harness's wikitext detokenizer)
+DETOKENIZERS = ("wikitext",)
+
+
+def data_source(source: str) -> str:
+    """``data:NAME`` is ``NAME`` inside the data folder (:func:`default_data_dir`), so that packaged recipes can
+    name the local copies of public corpora; anything else is returned as it is."""
+    return str(default_data_dir() / source[len("data:"):]) if source.startswith("data:") else source
+
+
+def detokenized(texts: Iterable[str], how: str | None) -> Iterable[str]:
+    """``texts`` as they are (``how=None``) or detokenized (:data:`DETOKENIZERS`)."""
+    if how is None:
+        return texts
+    if how not in DETOKENIZERS:
+        raise UserError(f"data detokenize must be one of {DETOKENIZERS}, got {how!r}")
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return (wikitext_detokenizer({"page": text}) for text in texts)
+
+
+def source_texts(source: dict, streamed: bool = True) -> Iterable[str]:
+    """The documents of one recipe data source, streamed (or all of them, as a list), detokenized if asked."""
+    args = source_arguments(source)
+    texts = iter_texts(**args) if streamed else load_texts(**args)
+    return detokenized(texts, source.get("detokenize"))
+
+
+def data_meta(source: dict, tokenizer, tokenizer_name: str) -> dict:
+    """What a token file is made from: the data source, the tokenizer's name and size, the separators."""
+    return {"data": {k: source.get(k) for k in SOURCE_FIELDS}, "tokenizer": tokenizer_name,
+            "vocab_size": len(tokenizer), "separators": source.get("separators", True)}
+
+
+def source_arguments(source: dict) -> dict:
+    """:func:`iter_texts` arguments of one recipe data source (keys :data:`SOURCE_FIELDS`; ``source`` needed)."""
+    unknown = set(source) - set(SOURCE_FIELDS) if isinstance(source, dict) else None
+    if unknown is None or "source" not in source or unknown:
+        raise UserError(f"a data source needs 'source' and takes only {SOURCE_FIELDS} (got {source!r})")
+    return dict(source=data_source(str(source["source"])), split=source.get("split", "train"), name=source.get("name"),
+                text_field=source.get("text_field", "text"), max_documents=source.get("max_documents"))
+
+
+def training_data(data: dict, tokenizer: PreTrainedTokenizerBase, seq_len: int, folder: str | Path,
+                  tokenizer_name: str) -> tuple[TokenFile, torch.Tensor | None]:
+    """Training and validation sequences ``[n, seq_len]`` of a recipe's ``data`` section (``train`` and optional
+    ``valid`` sources, see :data:`SOURCE_FIELDS`). Every document (a dataset row, a line of a text file) is
+    tokenized between the tokenizer's BOS/EOS, and the stream is cut into sequences.
+
+    The training source is tokenized once into ``folder/train.bin`` (streamed: the corpus never sits in memory)
+    and memory-mapped; a run resumed in the same folder reuses the file. Of several processes, the main one
+    tokenizes and the others wait, then map the complete file. The validation source is tokenized in memory."""
+    from accelerate import PartialState
+
+    if not isinstance(data, dict) or "train" not in data or set(data) - {"train", "valid"}:
+        raise UserError(f"the data section needs 'train' and takes only 'train' and 'valid' (got {data!r})")
+    train = data["train"]
+    args = source_arguments(train)
+    path = Path(folder) / "train.bin"
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        tokenize_to_file(source_texts(train), tokenizer, path, max_tokens=train.get("max_tokens"),
+                         meta=data_meta(train, tokenizer, tokenizer_name),
+                         label=f"dataset {args['source']!r} (split {args['split']!r})",
+                         separators=train.get("separators", True))
+    valid = None
+    if "valid" in data:
+        ids = encode(list(source_texts(data["valid"], streamed=False)), tokenizer,
+                     separators=data["valid"].get("separators", True))
+        valid = pack(ids[: data["valid"].get("max_tokens")], seq_len)
+    return TokenFile(path, seq_len), valid
 
 
 def unigram_log_probs(train_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

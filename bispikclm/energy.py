@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -177,8 +176,10 @@ class CostCount:
 
 
 def default_text_path() -> Path:
-    """WikiText-2 test text: ``$BISPIKCLM_DATA/wikitext-2/test.txt`` (default data folder ``../shared/data``)."""
-    return Path(os.environ.get("BISPIKCLM_DATA", "../shared/data")) / "wikitext-2" / "test.txt"
+    """WikiText-2 test text in the data folder (:func:`bispikclm.data.default_data_dir`)."""
+    from .data import default_data_dir
+
+    return default_data_dir() / "wikitext-2" / "test.txt"
 
 
 def text_token_ids(tokenizer, path: str | Path | None = None, seq_len: int = 512, num_sequences: int = 1,

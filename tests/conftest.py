@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from bispikclm.data import default_data_dir
+
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ.get("BISPIKCLM_DATA", REPO.parent / "shared" / "data"))
+    path = default_data_dir()
     if not (path / "wikitext-2" / "train.txt").is_file():
         raise FileNotFoundError(f"data folder {path} lacks wikitext-2/train.txt; set BISPIKCLM_DATA")
     return path

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from bispikclm.data import (TokenFile, encode, iter_texts, load_texts, pack, tokenize_to_file, train_tokenizer,
-                            unigram_log_probs)
+from bispikclm.data import (TokenFile, default_data_dir, encode, iter_texts, load_texts, pack, tokenize_to_file,
+                            train_tokenizer, training_data, unigram_log_probs)
 from bispikclm.errors import UserError
 from distill_setup import make_tokenizer
 
@@ -97,7 +98,7 @@ def test_token_file_streams_only_the_documents_it_needs(data_dir, tmp_path):
 
 
 def test_recipe_sources_name_the_data_folder_and_detokenize_wikitext(data_dir, monkeypatch):
-    from bispikclm.commands.train import _detokenized, data_source
+    from bispikclm.data import data_source, detokenized as _detokenized
 
     monkeypatch.setenv("BISPIKCLM_DATA", str(data_dir))
     assert data_source("data:wikitext-2") == str(data_dir / "wikitext-2")
@@ -107,3 +108,56 @@ def test_recipe_sources_name_the_data_folder_and_detokenize_wikitext(data_dir, m
     assert list(_detokenized([line], None)) == [line]
     with pytest.raises(UserError, match="detokenize"):
         list(_detokenized([line], "nope"))
+
+
+def test_one_default_data_folder_for_commands_benchmarks_and_tasks(monkeypatch, tmp_path):
+    import argparse
+
+    from bispikclm.commands import quickstart
+    from bispikclm.energy import default_text_path
+    from bispikclm.evaluation.perplexity import wikitext2_text
+
+    monkeypatch.delenv("BISPIKCLM_DATA", raising=False)
+    assert default_data_dir() == Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    monkeypatch.setenv("BISPIKCLM_DATA", str(tmp_path))
+    assert default_data_dir() == tmp_path and default_text_path() == tmp_path / "wikitext-2" / "test.txt"
+    parser = argparse.ArgumentParser()
+    quickstart.add_arguments(parser)
+    assert parser.parse_args([]).data == str(tmp_path)
+    with pytest.raises(UserError, match=str(tmp_path)):
+        wikitext2_text("raw")
+
+
+def separated(tokenizer, lines):
+    """The expected stream: each non-blank line between the tokenizer's BOS (if distinct from EOS) and EOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None and bos != eos else []
+    tail = [eos] if eos is not None else []
+    return [i for line in lines if line.strip() for i in head + tokenizer(line, add_special_tokens=False)["input_ids"] + tail]
+
+
+@pytest.mark.parametrize("specials", ["eos=bos", "bos+eos", "none"])
+def test_training_data_puts_documents_between_the_tokenizers_bos_and_eos(data_dir, tmp_path, specials):
+    """A recipe's data section -> (memory-mapped train sequences, valid sequences). Documents (here lines of
+    WikiText-2) are separated as the tokenizer defines it: the quickstart tokenizer's one <|endoftext|> (BOS = EOS)
+    after each document, a Llama-style <s> ... </s> around each, or nothing when the tokenizer has neither."""
+    tokenizer = make_tokenizer(data_dir, tmp_path / "tok")
+    if specials == "bos+eos":
+        tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    elif specials == "none":
+        tokenizer.bos_token = tokenizer.eos_token = None
+    wikitext = str(data_dir / "wikitext-2")
+    data = {"train": {"source": wikitext, "split": "train", "max_documents": 200},
+            "valid": {"source": wikitext, "split": "valid", "max_documents": 100, "max_tokens": 2000}}
+    train, valid = training_data(data, tokenizer, 32, tmp_path / "run", "tok")
+    lines = load_texts(wikitext, "train", max_documents=200)
+    expected = torch.tensor(separated(tokenizer, lines))
+    assert isinstance(train, TokenFile) and torch.equal(train[:], pack(expected, 32))
+    valid_ids = separated(tokenizer, load_texts(wikitext, "valid", max_documents=100))[:2000]
+    assert torch.equal(valid, pack(torch.tensor(valid_ids), 32))
+    if specials == "eos=bos":
+        assert (expected == tokenizer.eos_token_id).sum() == sum(1 for line in lines if line.strip())
+    with pytest.raises(UserError, match="data section needs 'train'"):
+        training_data({"valid": data["valid"]}, tokenizer, 32, tmp_path / "run", "tok")
+    with pytest.raises(UserError, match="takes only"):
+        training_data({"train": {"source": wikitext, "splits": "x"}}, tokenizer, 32, tmp_path / "run", "tok")

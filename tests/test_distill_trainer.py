@@ -217,3 +217,144 @@ def test_early_stopping_keeps_the_best_weights_and_resumes_stopped(setup):
     assert again.returncode == 0, again.stderr
     assert max(r["step"] for r in (json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines())
                if "loss" in r) == last_step
+
+
+# ---- one optimizer step in process: clipping, weight decay, checkpointing ---------------------------------------
+def tiny_trainer(wikitext_word_ids, out, **train):
+    """A spiking student of WikiText-2 word ids trained with cross-entropy only (no teacher needed)."""
+    from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+    from bispikclm.data import pack
+    from bispikclm.distill import TrainConfig, Trainer
+
+    ids, _, vocab = wikitext_word_ids
+    torch.manual_seed(0)
+    student = BiSpikCLMForCausalLM(BiSpikCLMConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+        max_position_embeddings=32, time_steps=2, learn_threshold="channel", learn_beta="group"))
+    config = TrainConfig(**{"tokens": 4 * 32 * 3, "seq_len": 32, "batch_size": 4, "lr": 0.003, "warmup_ratio": 0.0,
+                            "weights": {"emb": 0, "attn": 0, "feat": 0, "soft": 0, "hard": 1}, **train})
+    return Trainer(student, config, pack(ids[:4096], 32), None, out, progress=False)
+
+
+def with_loss_scaler(trainer, scale: float, monkeypatch) -> torch.amp.GradScaler:
+    """Give ``trainer`` the loss scaling accelerate sets up for fp16 on a GPU (a real GradScaler, on the CPU)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    acc = trainer.accelerator
+    acc.scaler, acc.native_amp = scaler, True
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, scaler=scaler)
+    acc._optimizers = [trainer.optimizer]
+    return scaler
+
+
+def test_clipping_uses_the_unscaled_norm_under_an_fp16_loss_scaler(wikitext_word_ids, tmp_path, monkeypatch):
+    """fp16 training scales the loss (and so the gradients) by the loss scale. A real GradScaler on the
+    accelerator, as fp16 on a GPU sets it up: the norm and the clipped update must be those of the unscaled
+    gradients (a power-of-two scale is exact, so the runs agree bit for bit), not ones a 4096 times larger norm
+    clips."""
+    plain = tiny_trainer(wikitext_word_ids, tmp_path / "plain", clip=0.1)
+    scaled = tiny_trainer(wikitext_word_ids, tmp_path / "scaled", clip=0.1)
+    scaler = with_loss_scaler(scaled, 2.0 ** 12, monkeypatch)
+    for _ in range(3):
+        a, b = plain.train_step(), scaled.train_step()
+        assert a["grad_norm"] > 0.1 and not b["skipped"]            # the clip is active
+        assert a["grad_norm"] == b["grad_norm"] and a["loss"] == b["loss"]
+    assert scaler.get_scale() == 2.0 ** 12                          # every scaled step was taken
+    for (name, p), q in zip(plain.model.named_parameters(), scaled.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_loss_scale_overflow_is_skipped_and_lowers_the_scale_without_counting_as_divergence(
+        wikitext_word_ids, tmp_path, monkeypatch):
+    trainer = tiny_trainer(wikitext_word_ids, tmp_path, spike_cost=1000.0)    # gradients up to about 14
+    scaler = with_loss_scaler(trainer, 2.0 ** 127, monkeypatch)       # so the scaled ones overflow float32
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    assert metrics["skipped"] and trainer.skipped == 1 and trainer.bad_steps == 0
+    assert scaler.get_scale() == 2.0 ** 126
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_clipped_gradients_are_the_gradients_times_clip_over_their_norm(wikitext_word_ids, tmp_path):
+    trainer = tiny_trainer(wikitext_word_ids, tmp_path, clip=0.1)
+    seen = {}
+    trainer.optimizer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.update(g={id(p): p.grad.clone() for p in trainer.model.parameters()}))
+    raw = {}
+    hook = lambda p: raw.__setitem__(id(p), p.grad.clone())         # noqa: E731
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in trainer.model.parameters()]
+    metrics = trainer.train_step()
+    for h in handles:
+        h.remove()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw.values()]))
+    assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-6) and float(norm) > 0.1
+    for key, g in raw.items():
+        torch.testing.assert_close(seen["g"][key], g * (0.1 / (norm + 1e-6)))
+
+
+def test_weight_decay_spares_biases_norms_gains_thresholds_and_leaks(wikitext_word_ids, tmp_path):
+    trainer = tiny_trainer(wikitext_word_ids, tmp_path, weight_decay=0.1)
+    decayed, spared = ({id(p) for p in g["params"]} for g in trainer.optimizer.param_groups)
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.1, 0.0]
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert {names[i] for i in decayed} == {n for n, p in trainer.model.named_parameters() if p.ndim >= 2}
+    spared = {names[i] for i in spared}
+    for kind in ("fc1.bias", "final_layer_norm.weight", "final_layer_norm.bias", "attn_residual_scale",
+                 "q_neuron.threshold_param", "q_neuron.beta_param"):
+        assert any(n.endswith(kind) for n in spared), kind
+    assert "model.embed_tokens.weight" in {names[i] for i in decayed}
+
+
+def test_gradient_checkpointing_option_gives_the_same_run(wikitext_word_ids, tmp_path):
+    """`train.gradient_checkpointing: true` recomputes each block in backward: same losses, norms and weights,
+    and the forward keeps less for the backward."""
+    runs = [tiny_trainer(wikitext_word_ids, tmp_path / str(on), gradient_checkpointing=on) for on in (False, True)]
+    assert [r.model.model.layers[0].gradient_checkpointing for r in runs] == [False, True]
+    saved = []
+    for run in runs:
+        sizes = {}
+        pack = lambda t: sizes.__setitem__(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) or t  # noqa: E731
+        run.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run._forward(run.micro_batch(0, 0), False)
+        params = {p.untyped_storage().data_ptr() for p in run.model.parameters()}
+        saved.append(sum(n for ptr, n in sizes.items() if ptr not in params))
+    assert saved[1] < 0.75 * saved[0], saved         # the vocabulary-sized logits outside the blocks stay
+    for _ in range(3):
+        a, b = (r.train_step() for r in runs)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_dtype_is_pinned(setup, tmp_path, capsys):
+    """The teacher runs in float32 whatever its checkpoint says (bfloat16 when asked); other dtypes are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from bispikclm.distill import TEACHER_DTYPES, TrainConfig, load_teacher
+
+    root, teacher, data_dir = setup
+    half = tmp_path / "bf16-teacher"
+    AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.bfloat16).save_pretrained(str(half))
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        config = TrainConfig.from_dict({} if name == "float32" else {"teacher_dtype": name})
+        assert load_teacher(str(half), dtype=TEACHER_DTYPES[config.teacher_dtype]).dtype == dtype
+    recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "train.teacher_dtype=float16"]) == 2
+    assert "train.teacher_dtype must be one of" in error_line(capsys)
+
+
+def test_shipped_recipes_have_valid_train_sections():
+    from bispikclm.distill import TrainConfig
+    from bispikclm.recipes import RECIPES, load_recipe
+
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    assert {"opt-125m", "opt-1.3b", "smollm2-135m", "quickstart"} <= set(names)
+    for name in names:
+        config = TrainConfig.from_dict(load_recipe(name)["train"])
+        assert config.batch_size % (config.micro_batch_size or config.batch_size) == 0, name

@@ -14,7 +14,7 @@ from ..energy import load_checkpoint, text_token_ids
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="folder saved with save_pretrained (model and tokenizer)")
     parser.add_argument("--text", default=None, help="text file to run on (default: WikiText-2 test from "
-                                                     "$BISPIKCLM_DATA, default ../shared/data)")
+                                                     "$BISPIKCLM_DATA, default <repo>/../shared/data)")
     parser.add_argument("--tokens", type=int, default=128, help="number of tokens to run (default 128)")
     parser.add_argument("--json", default=None, help="also write the findings to this JSON file")
 

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default=None, help="ANN folder to compare with (default: a same-shape OPT; "
                                                         "its count depends only on its shape)")
     parser.add_argument("--text", default=None, help="text file (default: WikiText-2 test from $BISPIKCLM_DATA, "
-                                                     "default ../shared/data)")
+                                                     "default <repo>/../shared/data)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--num-sequences", type=int, default=1, help="number of sequences (default 1)")
     parser.add_argument("--time-steps", type=int, default=None, help="run the student with this T")

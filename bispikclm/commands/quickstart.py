@@ -24,8 +24,8 @@ import torch
 
 from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig
-from ..data import SPECIAL_TOKENS, encode, load_texts, pack, train_tokenizer, unigram_log_probs
-from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..data import SPECIAL_TOKENS, default_data_dir, encode, load_texts, pack, train_tokenizer, unigram_log_probs
+from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
 from ..energy import format_cost_table, honest_cost, text_token_ids
 from ..errors import UserError
 from ..evaluation.perplexity import perplexity, windows
@@ -36,9 +36,9 @@ from ..validation import check_text_file, check_types, need
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=os.environ.get("BISPIKCLM_DATA", "../shared/data"),
+    parser.add_argument("--data", default=str(default_data_dir()),
                         help="folder holding wikitext-2/{train,valid,test}.txt (default: $BISPIKCLM_DATA or "
-                             "../shared/data)")
+                             "<repo>/../shared/data)")
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     parser.add_argument("--recipe", default="quickstart", help="recipe name or YAML file (default: quickstart)")
     parser.add_argument("--teacher-tokens", type=int, help="teacher training tokens (recipe: teacher_train.tokens)")
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     trained = Trainer(OPTForCausalLM(opt_config), teacher_cfg, train_seqs, val_seqs, out / "teacher",
                       progress=progress, tokenizer=tokenizer).fit()
     timings["teacher_train_s"] = time.perf_counter() - start
-    teacher = load_teacher(str(out / "teacher" / "model"))
+    teacher = load_teacher(str(out / "teacher" / "model"), dtype=TEACHER_DTYPES[student_cfg.teacher_dtype])
     check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
 
     config = BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe["student"])

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "folders with the model in model/, as the quickstart writes)")
     parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
     parser.add_argument("--text", default=None, help="text file (default: WikiText-2 test from $BISPIKCLM_DATA, "
-                                                     "default ../shared/data)")
+                                                     "default <repo>/../shared/data)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens shown in the pictures (default 32)")
     parser.add_argument("--energy-seq-len", type=int, default=256, help="tokens the energy is counted on")
 

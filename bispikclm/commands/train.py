@@ -19,8 +19,8 @@ import torch
 from ..ann import same_shape_ann
 from ..checkpoints import load_tokenizer
 from ..configuration import BiSpikCLMConfig, has_rotary_positions
-from ..data import TokenFile, encode, iter_texts, load_texts, pack, tokenize_to_file
-from ..distill import TrainConfig, Trainer, check_teacher, load_teacher
+from ..data import data_meta, data_source, training_data
+from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
 from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
@@ -45,35 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-SOURCE_FIELDS = ("source", "split", "name", "text_field", "max_documents", "max_tokens", "detokenize")
-# detokenize: "wikitext" turns WikiText's word-level tokenization ("a @-@ b , c") back into running text, as the raw
-# test split and pretrained tokenizers see it (lm-evaluation-harness's wikitext detokenizer)
-DETOKENIZERS = ("wikitext",)
-
-
-def data_source(source: str) -> str:
-    """``data:NAME`` is ``NAME`` inside the data folder (``$BISPIKCLM_DATA``, default ``../shared/data``), so that
-    packaged recipes can name the local copies of public corpora; anything else is returned as it is."""
-    if source.startswith("data:"):
-        from ..data import default_data_dir
-
-        return str(default_data_dir() / source[len("data:"):])
-    return source
-
-
-def _detokenized(texts, how: str | None):
-    if how is None:
-        return texts
-    if how not in DETOKENIZERS:
-        raise UserError(f"data detokenize must be one of {DETOKENIZERS}, got {how!r}")
-    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
-
-    return (wikitext_detokenizer({"page": text}) for text in texts)
-
-
 SOURCE_TYPES = {"source": "str", "split": "str", "name": "str | None", "text_field": "str",
                 "max_documents": "int | None", "max_tokens": "int | None",
-                "detokenize": "str | None"}
+                "detokenize": "str | None", "separators": "bool"}
 
 
 def check_recipe(recipe: dict, name: str) -> None:
@@ -98,17 +72,6 @@ def check_recipe(recipe: dict, name: str) -> None:
     check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=("kind", "init"))
 
 
-def _text_args(source: dict) -> dict:
-    return dict(source=data_source(str(source["source"])), split=source.get("split", "train"), name=source.get("name"),
-                text_field=source.get("text_field", "text"), max_documents=source.get("max_documents"))
-
-
-def sequences(source: dict, tokenizer, seq_len: int):
-    """Packed sequences ``[n, seq_len]`` of one data source (see :data:`SOURCE_FIELDS`), in memory."""
-    ids = encode(list(_detokenized(load_texts(**_text_args(source)), source.get("detokenize"))), tokenizer)
-    return pack(ids[: source.get("max_tokens")], seq_len)
-
-
 def check_local_source(source: dict, split: str) -> None:
     """UserError when a data source that names a local file or folder is missing, empty, binary or not UTF-8
     (hub dataset names are checked when they load)."""
@@ -120,12 +83,6 @@ def check_local_source(source: dict, split: str) -> None:
         check_text_file(path, f"text file (data.{split})")
 
 
-def data_meta(source: dict, tokenizer, tokenizer_name: str) -> dict:
-    """What a token file was made from: the data source, the tokenizer's name and size."""
-    return {"data": {k: source.get(k) for k in SOURCE_FIELDS}, "tokenizer": tokenizer_name,
-            "vocab_size": len(tokenizer)}
-
-
 def check_resumed_data(path: Path, meta: dict) -> None:
     """UserError when the token file of the run being resumed was made from other data or another tokenizer."""
     sidecar = path.with_name(path.name + ".json")
@@ -134,25 +91,14 @@ def check_resumed_data(path: Path, meta: dict) -> None:
                         f"resume with the same recipe or use another output folder")
 
 
-def token_file(source: dict, tokenizer, seq_len: int, path: Path, meta: dict) -> TokenFile:
-    """Packed sequences of one data source, tokenized once into ``path`` (streamed: the corpus never sits in
-    memory) and memory-mapped; a run resumed in the same folder reuses the file."""
-    tokenize_to_file(_detokenized(iter_texts(**_text_args(source)), source.get("detokenize")), tokenizer, path,
-                     max_tokens=source.get("max_tokens"),
-                     meta=meta, label=f"dataset {source['source']!r} (split {source.get('split', 'train')!r})")
-    return TokenFile(path, seq_len)
-
-
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
 
     recipe = merge(load_recipe(args.recipe), parse_overrides(args.set))
     check_recipe(recipe, args.recipe)
     config = TrainConfig.from_dict(recipe["train"])
     if not args.resume and (Path(args.out) / "checkpoints" / "latest").is_file():
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it or use another folder")
-    teacher = load_pretrained(load_teacher, recipe["teacher"])     # a damaged safetensors file is a UserError too
-    check_finite_weights(teacher, recipe["teacher"])
+    teacher = load_pretrained(load_teacher, recipe["teacher"], dtype=TEACHER_DTYPES[config.teacher_dtype])
     tokenizer = load_tokenizer(str(recipe.get("tokenizer") or recipe["teacher"]))
     check_teacher(teacher, len(tokenizer), config.seq_len)
     student_section = dict(recipe.get("student") or {})
@@ -169,14 +115,12 @@ def run(args: argparse.Namespace) -> int:
                         f"{student_config.max_position_embeddings} positions")
     for split, source in recipe["data"].items():
         check_local_source(source, split)
-    train_file = Path(args.out) / "data" / "train.bin"
-    meta = data_meta(recipe["data"]["train"], tokenizer, str(recipe.get("tokenizer") or recipe["teacher"]))
+    tokenizer_name = str(recipe.get("tokenizer") or recipe["teacher"])
     if args.resume:
-        check_resumed_data(train_file, meta)
-    val_seqs = sequences(recipe["data"]["valid"], tokenizer, config.seq_len) if "valid" in recipe["data"] else None
-    # one process tokenizes; the others wait, then find the file complete and map it
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
-        train_seqs = token_file(recipe["data"]["train"], tokenizer, config.seq_len, train_file, meta)
+        check_resumed_data(Path(args.out) / "data" / "train.bin", data_meta(recipe["data"]["train"], tokenizer,
+                                                                           tokenizer_name))
+    train_seqs, val_seqs = training_data(recipe["data"], tokenizer, config.seq_len, Path(args.out) / "data",
+                                         tokenizer_name)
     torch.manual_seed(config.seed)
     student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
                else same_shape_ann(student_config, attn_implementation="eager"))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -32,6 +31,10 @@ from .teacher import teacher_forward
 
 class TrainingDiverged(UserError):
     """Several optimizer steps in a row had a NaN/Inf loss or gradient norm."""
+
+
+#: ``train.teacher_dtype`` -> the dtype the teacher is loaded in (float32 by default, whatever the checkpoint says)
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -63,10 +66,12 @@ class TrainConfig:
     max_bad_steps: int = 5                  # stop after this many NaN/Inf steps in a row
     firing_rates: bool = True               # log per-layer firing rates (spiking students)
     spike_cost: float = 0.0                 # weight of losses.SpikeCostLoss (fewer spikes where they cost most)
+    teacher_dtype: str = "float32"          # dtype the teacher is loaded and run in, see TEACHER_DTYPES
+    gradient_checkpointing: bool = False    # recompute each block in backward instead of keeping its activations
 
     # settings that may change between a run and its resumption
     OPERATIONAL = ("log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_bad_steps",
-                   "firing_rates", "micro_batch_size")
+                   "firing_rates", "micro_batch_size", "gradient_checkpointing")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "train") -> "TrainConfig":
@@ -74,6 +79,9 @@ class TrainConfig:
         values = dict(values)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
+        if values.get("teacher_dtype", "float32") not in TEACHER_DTYPES:
+            raise UserError(f"train.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got "
+                            f"{values['teacher_dtype']!r}")
         return cls(**values)
 
     @property
@@ -85,6 +93,33 @@ def grad_norm_fp32(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
     """Global L2 norm of the gradients, accumulated in float32 (half-precision norms overflow)."""
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _clean_name(name: str) -> str:
+    """A parameter's name without the prefixes DDP and FSDP wrappers add."""
+    name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    return name.removeprefix("module.")
+
+
+def decay_groups(original: torch.nn.Module, prepared: torch.nn.Module, extra: torch.nn.Module,
+                 weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the matrices (linear and embedding weights) only; biases, norm
+    weights, residual gains, thresholds and leaks (every parameter with fewer than 2 dimensions, judged on the
+    unwrapped ``original`` model) are not decayed. Parameters are taken from ``prepared`` (the model as
+    ``accelerator.prepare`` returned it, whose parameters FSDP replaces) and from ``extra`` (the SpAD
+    projectors)."""
+    shapes = {name: p.ndim for name, p in original.named_parameters()}
+    decay, no_decay = [], []
+    for module, wrapped in ((prepared, True), (extra, False)):
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            ndim = shapes.get(_clean_name(name)) if wrapped else p.ndim
+            if ndim is None:
+                raise UserError(f"cannot tell the shape of parameter {name!r} of the wrapped model; under FSDP set "
+                                f"use_orig_params (FSDP1) or use FSDP2")
+            (decay if ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def layer_rates(firing_rates: dict[str, float]) -> dict[str, float]:
@@ -145,15 +180,18 @@ class Trainer:
             raise UserError(f"spike_cost must be >= 0 and needs a spiking student (got {config.spike_cost})")
         self.cost = SpikeCostLoss(model) if self.spiking else None
         torch.manual_seed(config.seed)
-        params = [p for p in list(model.parameters()) + list(self.spad.parameters()) if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if config.gradient_checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        # the optimizer sees the parameters of the prepared model (FSDP replaces them when it wraps the model)
+        self.model = acc.prepare(model)
         self.spad.to(acc.device)
-        self.params = params
+        groups = decay_groups(model, self.model, self.spad, config.weight_decay)
+        self.optimizer = acc.prepare(torch.optim.AdamW(groups, lr=config.lr, betas=config.betas))
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
-        for name, default in (("spike_cost", 0.0), ("rate_targets", "paper"), ("early_stopping", 0), ("min_tokens", 0)):
+        for name, default in (("spike_cost", 0.0), ("rate_targets", "paper"), ("teacher_dtype", "float32"),
+                              ("early_stopping", 0), ("min_tokens", 0)):
             if run[name] == default:    # checkpoints written before the setting existed still resume
                 del run[name]
         self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
@@ -202,6 +240,22 @@ class Trainer:
                 loss = loss + self.config.spike_cost * cost
         return out, (loss, terms)
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Global L2 norm of the unscaled gradients of the model and the SpAD projectors, and every gradient scaled
+        by ``min(1, clip / norm)`` (``clip`` 0: not scaled). ``accelerator.clip_grad_norm_`` unscales fp16
+        gradients first and knows how FSDP shards them; it gets exactly the prepared model's parameters (as FSDP
+        requires), and the replicated projectors' norm is added to it."""
+        acc, clip = self.accelerator, self.config.clip
+        model_params = list(self.model.parameters())
+        norm = acc.clip_grad_norm_(model_params, float("inf")).float()
+        extra = [p for p in self.spad.parameters() if p.grad is not None]
+        if extra:
+            norm = torch.linalg.vector_norm(torch.stack([norm.to(acc.device), grad_norm_fp32(extra).to(acc.device)]))
+        if clip > 0 and torch.isfinite(norm):
+            params = [p for p in model_params + extra if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm.to(params[0].grad.device))
+        return norm
+
     def train_step(self) -> dict:
         """One optimizer step (all micro-steps); returns its metrics. NaN/Inf steps are skipped and counted."""
         acc, cfg = self.accelerator, self.config
@@ -223,21 +277,17 @@ class Trainer:
         for p in self.spad.parameters():   # projectors live outside the wrapped model: average their gradients here
             if p.grad is not None:
                 p.grad = acc.reduce(p.grad, "mean")
-        if acc.distributed_type == DistributedType.FSDP:
-            norm = acc.clip_grad_norm_(self.params, float("inf")).float()
-        else:
-            norm = grad_norm_fp32(self.params)
-        finite = bool(torch.isfinite(totals["loss"])) and bool(torch.isfinite(norm))
+        norm = self.clip_gradients()
+        loss_finite = bool(torch.isfinite(totals["loss"]))
+        finite = loss_finite and bool(torch.isfinite(norm))
         if finite:
-            if cfg.clip > 0:
-                clip = (cfg.clip / (norm + 1e-6)).clamp(max=1.0)
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(clip.to(p.grad.dtype))
             self.optimizer.step()
             self.bad_steps = 0
         else:
-            self.bad_steps += 1
+            if acc.scaler is not None:
+                acc.scaler.update()     # fp16: no update; the loss scaler lowers its scale after an Inf
+            # an overflow of the fp16 loss scale is not divergence: the scaler recovers from it
+            self.bad_steps += 1 if acc.scaler is None or not loss_finite else 0
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]

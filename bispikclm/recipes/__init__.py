@@ -1,4 +1,5 @@
-"""YAML recipes: ``quickstart`` (CPU, minutes), ``opt-125m`` and ``opt-1.3b`` (the paper's settings)."""
+"""YAML recipes: ``quickstart`` (CPU, minutes), ``opt-125m`` and ``opt-1.3b`` (the paper's settings), ``smollm2-135m``
+(a Llama-family teacher)."""
 
 from __future__ import annotations
 

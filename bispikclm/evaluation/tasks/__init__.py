@@ -8,10 +8,10 @@ LAMBADA items are ``{"id", "context", "continuation"}``. Files live under the da
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...data import default_data_dir
 from ...errors import UserError
 
 
@@ -36,12 +36,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "extra": ("arc_easy_test", "arc_challenge_test", "openbookqa_test", "copa", "lambada_openai"),
 }
 FIELDS = {"multiple_choice": ("prompt", "choices", "answer"), "lambada": ("context", "continuation")}
-
-
-def default_data_dir() -> Path:
-    """``$BISPIKCLM_DATA`` if set, else ``<repo>/../shared/data``."""
-    env = os.environ.get("BISPIKCLM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 def resolve_tasks(names: list[str] | str) -> list[Task]:
