@@ -9,7 +9,8 @@ float32, in int8 by torchao (``Int8DynamicActivationInt8WeightConfig``, what ``t
 points CPU users to) and by ``torch.ao.quantization.quantize_dynamic`` (the deprecated API), and in llama.cpp
 (``llama-cpp-python``) at Q8_0 and Q4_0, from a GGUF of the same weights written with the ``gguf`` package and
 quantized by llama.cpp itself (llama.cpp has no OPT: the OPT shape runs as its GPT-2 architecture, which has
-the same matrices, learned positions and LayerNorms, with GELU for ReLU).
+the same matrices, learned positions and LayerNorms, with GELU for ReLU), on its plain CPU kernels (see
+:func:`load_llama_cpp`).
 
 Measured: prefill tokens/s (a 64-token WikiText-2 prompt, best of ``--repeats``), decode tokens/s (median step
 over ``--repeats`` x 24 tokens fed one at a time with the cache), weight bytes read per token, and the CPU's
@@ -275,6 +276,29 @@ def llama_cpp_run(llm, prompt: list[int], decode: list[int]) -> tuple[float, lis
     return prefill, [timed(lambda t=t: llm.eval([t])) for t in decode]
 
 
+def load_llama_cpp(path: Path, batch: int, threads: int):
+    """A ``llama_cpp.Llama`` on ``path`` without llama.cpp's extra CPU buffer types: built natively on this CPU
+    (``GGML_NATIVE``), llama.cpp moves Q8_0/Q4_0 weights into its AMX buffer type and crashes at the first decode in
+    this virtual machine (measured: segmentation fault); the plain ggml CPU kernels (AVX-512) run. ``Llama`` takes
+    no option for it, so its model parameters are made with ``use_extra_bufts = False``."""
+    import llama_cpp
+    from llama_cpp import llama_cpp as api
+
+    default = api.llama_model_default_params
+
+    def plain_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=256, n_batch=batch, n_threads=threads, n_threads_batch=threads,
+                               verbose=False)
+    finally:
+        api.llama_model_default_params = default
+
+
 def llama_cpp_peers(config: BiSpikCLMConfig, folder: Path, prompt, decode, threads: int, repeats: int) -> dict:
     try:
         import llama_cpp
@@ -291,8 +315,7 @@ def llama_cpp_peers(config: BiSpikCLMConfig, folder: Path, prompt, decode, threa
         params.ftype, params.nthread = ftype, threads
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp could not quantize {f32} to {name}")
-        llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=len(prompt), n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+        llm = load_llama_cpp(path, len(prompt), threads)
         peers[f"llama.cpp {name}"] = {**speeds(llama_cpp_run, llm, prompt, decode, repeats),
                                       "weight_bytes_per_token": gguf_matrix_bytes(path)}
         print(f"  llama.cpp {name}", json.dumps(peers[f"llama.cpp {name}"]), flush=True)
