@@ -387,8 +387,9 @@ def plot(result: dict, path: Path) -> None:
             ax.set_title(f"{name}: {key.split('_')[0]} (batch 1, {result['machine']['threads']} threads)")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
 
