@@ -18,7 +18,8 @@ read bandwidth (a Numba sum over 256 MB) beside the bytes of weight rows per sec
 reads on its own, to say how close the kernels and each decode are to the bandwidth limit. Weights are
 random: speeds, not outputs, are compared. 2 threads everywhere (torch, Numba, llama.cpp).
 
-    pip install -e .[peers]
+    pip install -e .[peers]      # llama-cpp-python (built from source) and gguf
+    pip install torchao          # optional: the torchao int8 row (see docs/engine.md)
     PYTHONPATH=. python benchmarks/engine_peers.py     # writes results/engine_peers.json and .png
 """
 
@@ -177,8 +178,6 @@ def hf_weight_bytes(model: torch.nn.Module, bytes_per_weight: int) -> int:
 
 def torch_peers(config: BiSpikCLMConfig, prompt, decode, repeats: int) -> dict[str, dict]:
     from torch.ao.quantization import quantize_dynamic
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
-    from torchao.quantization import quantize_ as torchao_quantize_
 
     def ann():
         torch.manual_seed(0)
@@ -188,10 +187,16 @@ def torch_peers(config: BiSpikCLMConfig, prompt, decode, repeats: int) -> dict[s
     model = ann()
     dense_bytes = hf_weight_bytes(model, 4)
     peers["HF float32"] = {**speeds(opt_run, model, prompt, decode, repeats), "weight_bytes_per_token": dense_bytes}
-    model = ann()
-    torchao_quantize_(model, Int8DynamicActivationInt8WeightConfig())
-    peers["torchao int8 (dynamic activations)"] = {**speeds(opt_run, model, prompt, decode, repeats),
-                                                   "weight_bytes_per_token": dense_bytes // 4}
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        from torchao.quantization import quantize_ as torchao_quantize_
+    except ImportError:
+        print("  torchao is not installed (pip install torchao); left out", flush=True)
+    else:
+        model = ann()
+        torchao_quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        peers["torchao int8 (dynamic activations)"] = {**speeds(opt_run, model, prompt, decode, repeats),
+                                                       "weight_bytes_per_token": dense_bytes // 4}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = quantize_dynamic(ann(), {torch.nn.Linear}, dtype=torch.qint8)
