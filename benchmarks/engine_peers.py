@@ -9,7 +9,8 @@ float32, in int8 by torchao (``Int8DynamicActivationInt8WeightConfig``, what ``t
 points CPU users to) and by ``torch.ao.quantization.quantize_dynamic`` (the deprecated API), and in llama.cpp
 (``llama-cpp-python``) at Q8_0 and Q4_0, from a GGUF of the same weights written with the ``gguf`` package and
 quantized by llama.cpp itself (llama.cpp has no OPT: the OPT shape runs as its GPT-2 architecture, which has
-the same matrices, learned positions and LayerNorms, with GELU for ReLU).
+the same matrices, learned positions and LayerNorms, with GELU for ReLU), on its plain CPU kernels (see
+:func:`load_llama_cpp`).
 
 Measured: prefill tokens/s (a 64-token WikiText-2 prompt, best of ``--repeats``), decode tokens/s (median step
 over ``--repeats`` x 24 tokens fed one at a time with the cache), weight bytes read per token, and the CPU's
@@ -17,7 +18,8 @@ read bandwidth (a Numba sum over 256 MB) beside the bytes of weight rows per sec
 reads on its own, to say how close the kernels and each decode are to the bandwidth limit. Weights are
 random: speeds, not outputs, are compared. 2 threads everywhere (torch, Numba, llama.cpp).
 
-    pip install -e .[peers]
+    pip install -e .[peers]      # llama-cpp-python (built from source) and gguf
+    pip install torchao          # optional: the torchao int8 row (see docs/engine.md)
     PYTHONPATH=. python benchmarks/engine_peers.py     # writes results/engine_peers.json and .png
 """
 
@@ -176,8 +178,6 @@ def hf_weight_bytes(model: torch.nn.Module, bytes_per_weight: int) -> int:
 
 def torch_peers(config: BiSpikCLMConfig, prompt, decode, repeats: int) -> dict[str, dict]:
     from torch.ao.quantization import quantize_dynamic
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
-    from torchao.quantization import quantize_ as torchao_quantize_
 
     def ann():
         torch.manual_seed(0)
@@ -187,10 +187,16 @@ def torch_peers(config: BiSpikCLMConfig, prompt, decode, repeats: int) -> dict[s
     model = ann()
     dense_bytes = hf_weight_bytes(model, 4)
     peers["HF float32"] = {**speeds(opt_run, model, prompt, decode, repeats), "weight_bytes_per_token": dense_bytes}
-    model = ann()
-    torchao_quantize_(model, Int8DynamicActivationInt8WeightConfig())
-    peers["torchao int8 (dynamic activations)"] = {**speeds(opt_run, model, prompt, decode, repeats),
-                                                   "weight_bytes_per_token": dense_bytes // 4}
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        from torchao.quantization import quantize_ as torchao_quantize_
+    except ImportError:
+        print("  torchao is not installed (pip install torchao); left out", flush=True)
+    else:
+        model = ann()
+        torchao_quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        peers["torchao int8 (dynamic activations)"] = {**speeds(opt_run, model, prompt, decode, repeats),
+                                                       "weight_bytes_per_token": dense_bytes // 4}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = quantize_dynamic(ann(), {torch.nn.Linear}, dtype=torch.qint8)
@@ -275,6 +281,29 @@ def llama_cpp_run(llm, prompt: list[int], decode: list[int]) -> tuple[float, lis
     return prefill, [timed(lambda t=t: llm.eval([t])) for t in decode]
 
 
+def load_llama_cpp(path: Path, batch: int, threads: int):
+    """A ``llama_cpp.Llama`` on ``path`` without llama.cpp's extra CPU buffer types: built natively on this CPU
+    (``GGML_NATIVE``), llama.cpp moves Q8_0/Q4_0 weights into its AMX buffer type and crashes at the first decode in
+    this virtual machine (measured: segmentation fault); the plain ggml CPU kernels (AVX-512) run. ``Llama`` takes
+    no option for it, so its model parameters are made with ``use_extra_bufts = False``."""
+    import llama_cpp
+    from llama_cpp import llama_cpp as api
+
+    default = api.llama_model_default_params
+
+    def plain_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=256, n_batch=batch, n_threads=threads, n_threads_batch=threads,
+                               verbose=False)
+    finally:
+        api.llama_model_default_params = default
+
+
 def llama_cpp_peers(config: BiSpikCLMConfig, folder: Path, prompt, decode, threads: int, repeats: int) -> dict:
     try:
         import llama_cpp
@@ -291,8 +320,7 @@ def llama_cpp_peers(config: BiSpikCLMConfig, folder: Path, prompt, decode, threa
         params.ftype, params.nthread = ftype, threads
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp could not quantize {f32} to {name}")
-        llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=len(prompt), n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+        llm = load_llama_cpp(path, len(prompt), threads)
         peers[f"llama.cpp {name}"] = {**speeds(llama_cpp_run, llm, prompt, decode, repeats),
                                       "weight_bytes_per_token": gguf_matrix_bytes(path)}
         print(f"  llama.cpp {name}", json.dumps(peers[f"llama.cpp {name}"]), flush=True)
@@ -364,8 +392,9 @@ def plot(result: dict, path: Path) -> None:
             ax.set_title(f"{name}: {key.split('_')[0]} (batch 1, {result['machine']['threads']} threads)")
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
 

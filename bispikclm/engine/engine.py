@@ -70,10 +70,15 @@ class Neuron:
     threshold: np.ndarray
 
     @classmethod
-    def of(cls, module: LIFNeuron) -> "Neuron":
+    def of(cls, module: LIFNeuron, channels: int | None = None) -> "Neuron":
+        """The neuron of ``module``; with ``channels``, the threshold is spread over them once here rather than
+        at every call."""
         beta, threshold = module.parameters_now()
         as_array = lambda v: np.asarray(v.detach().float().numpy() if torch.is_tensor(v) else v, np.float32)  # noqa: E731
-        return cls(np.float32(as_array(beta)), as_array(threshold))
+        threshold = as_array(threshold)
+        if channels is not None:
+            threshold = np.ascontiguousarray(np.broadcast_to(threshold, (channels,)))
+        return cls(np.float32(as_array(beta)), threshold)
 
 
 @dataclass
@@ -141,8 +146,9 @@ class PackedEngine:
                 lin(attn.out_proj, "self_attn.out_proj"), ffn_in, ffn_out,
                 layer.attn_residual_scale.detach().float().numpy().copy(),
                 layer.ffn_residual_scale.detach().float().numpy().copy(),
-                {name: Neuron.of(module) for name, module in layer.named_modules() if isinstance(module, LIFNeuron)}))
-        self.head_neuron = Neuron.of(model.head_neuron) if cfg.spiking_head else None
+                {name: Neuron.of(module, None if name == "self_attn.attn_neuron" else self._width(name))
+                 for name, module in layer.named_modules() if isinstance(module, LIFNeuron)}))
+        self.head_neuron = Neuron.of(model.head_neuron, cfg.hidden_size) if cfg.spiking_head else None
         self.head = PackedLinear.from_module(model.lm_head, False, "lm_head") if cfg.spiking_head else None
         self.head_int8 = None
         if int8 and not cfg.spiking_head and is_int8(model.lm_head):

@@ -181,8 +181,10 @@ def _lif(current, beta, threshold, out):
 
 def lif(current: np.ndarray, beta: float, threshold, out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.lif`."""
-    thresholds = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, np.float32), current.shape[-1:]))
-    _lif(current, np.float32(beta), thresholds, out)
+    if not (isinstance(threshold, np.ndarray) and threshold.shape == current.shape[-1:]
+            and threshold.dtype == np.float32 and threshold.flags.c_contiguous):
+        threshold = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, np.float32), current.shape[-1:]))
+    _lif(current, np.float32(beta), threshold, out)
 
 
 @njit(cache=True, nogil=True)
