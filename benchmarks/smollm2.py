@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument("--test-tokens", type=int, default=32768, help="first N tokens of the raw test split")
     parser.add_argument("--zeroshot-limit", type=int, default=100, help="first N items of each zero-shot task")
     parser.add_argument("--parity-limit", type=int, default=60, help="items per task in the harness-parity table")
+    parser.add_argument("--parity", help="an existing `bispikclm eval parity` result to report instead of running it")
     parser.add_argument("--results", default=str(REPO / "results" / "smollm2"), help="results path stem")
     args = parser.parse_args()
     env = {**os.environ, "BISPIKCLM_DATA": str(Path(args.data).resolve()), "PYTHONPATH": str(REPO)}
@@ -77,9 +78,9 @@ def main() -> int:
         if not zs.is_file():
             bispikclm("eval", "zeroshot", "--model", str(path), "--tasks", "paper", "--limit",
                       str(args.zeroshot_limit), "--out", str(zs.parent), "--data-dir", args.data, log=log, env=env)
-    parity = out / "eval" / "parity" / "parity.json"
-    if not parity.is_file():
-        bispikclm("eval", "parity", str(teacher), "--tasks", "paper", "--limit", str(args.parity_limit),
+    parity = Path(args.parity) if args.parity else out / "eval" / "parity" / "parity.json"
+    if not parity.is_file():   # our zero-shot scores against lm-evaluation-harness's own HFLM, on the teacher
+        bispikclm("eval", "parity", args.teacher, "--tasks", "paper", "--limit", str(args.parity_limit),
                   "--out", str(parity.parent), "--data-dir", args.data, log=log, env=env)
     energy = out / "eval" / "energy.json"
     if not energy.is_file():
@@ -88,7 +89,7 @@ def main() -> int:
     cost = out / "eval" / "cost.json"
     if not cost.is_file():   # both conventions, float32 and int8, memory traffic counted (bispikclm.energy)
         cost.write_text(json.dumps(cost_tables(models, args.data), indent=1))
-    write_results(args, out, models, log, timings)
+    write_results(args, out, models, log, timings, parity)
     return 0
 
 
@@ -110,7 +111,7 @@ def _blocks_ratio(energy: dict) -> float:
     return without_head(energy["student"]) / without_head(energy["ann"])
 
 
-def write_results(args, out: Path, models: dict, log: list[str], timings: dict) -> None:
+def write_results(args, out: Path, models: dict, log: list[str], timings: dict, parity: Path) -> None:
     rows = {}
     for name in models:
         ppl = json.loads((out / "eval" / name / "ppl.json").read_text())["results"][0]
@@ -133,7 +134,7 @@ def write_results(args, out: Path, models: dict, log: list[str], timings: dict) 
                    "teacher_mj_per_token": energy["ann"]["energy_mj_per_token"], "tokens": energy["tokens"]},
         "zeroshot_limit": args.zeroshot_limit,
     }
-    results["parity"] = json.loads((out / "eval" / "parity" / "parity.json").read_text())
+    results["parity"] = json.loads(parity.read_text())
     results["cost_tables"] = json.loads((out / "eval" / "cost.json").read_text())
     Path(args.results + ".json").write_text(json.dumps(results, indent=1) + "\n")
     Path(args.results + ".md").write_text(markdown(results))
