@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bispikclm.evaluation.parity import harness_folder  # noqa: E402
+PROMPT = "The capital of France is Paris. The capital of Germany is"
 PAPER_TASKS = ("arc_easy", "arc_challenge", "winogrande", "boolq", "piqa", "hellaswag", "openbookqa", "headqa")
 
 
@@ -86,6 +87,15 @@ def main() -> int:
     if not energy.is_file():
         bispikclm("energy", str(models["student"]), "--teacher", str(teacher), "--seq-len", "512",
                   "--json", str(energy), log=log, env=env)
+    side = out / "eval" / "generate.txt"
+    if not side.is_file():   # the student and its teacher continue the same prompt, printed side by side
+        command = ["generate", str(models["student"]), "--compare", str(models["ann_student"]), "--compare",
+                   str(teacher), "--prompt", PROMPT, "--max-new-tokens", "24"]
+        log.append("bispikclm " + shlex.join(command))
+        print("+", log[-1], flush=True)
+        done = subprocess.run([sys.executable, "-m", "bispikclm", *command], check=True, env={**env, "COLUMNS": "150"},
+                              capture_output=True, text=True)
+        side.write_text(done.stdout)
     cost = out / "eval" / "cost.json"
     if not cost.is_file():   # both conventions, float32 and int8, memory traffic counted (bispikclm.energy)
         cost.write_text(json.dumps(cost_tables(models, args.data), indent=1))
@@ -136,6 +146,7 @@ def write_results(args, out: Path, models: dict, log: list[str], timings: dict, 
     }
     results["parity"] = json.loads(parity.read_text())
     results["cost_tables"] = json.loads((out / "eval" / "cost.json").read_text())
+    results["generate"] = {"prompt": PROMPT, "side_by_side": (out / "eval" / "generate.txt").read_text()}
     Path(args.results + ".json").write_text(json.dumps(results, indent=1) + "\n")
     Path(args.results + ".md").write_text(markdown(results))
     print(markdown(results))
@@ -164,6 +175,8 @@ def markdown(results: dict) -> str:
     for against in ("teacher", "ann_student"):
         lines += [f"Energy per token, spiking student / {names[against]}, both conventions:", "",
                   format_cost_table(results["cost_tables"][against]), ""]
+    lines += ["Greedy continuations (`bispikclm generate STUDENT --compare ANN --compare TEACHER`):", "", "```",
+              results["generate"]["side_by_side"].rstrip(), "```", ""]
     tasks = [t for t in PAPER_TASKS if t in rows["teacher"]["zeroshot"]]
     lines += ["| zero-shot acc (%) | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for key, row in rows.items():
