@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--teacher", default="smollm2-135m", help="hub name, folder, GGUF file or short name")
     parser.add_argument("--recipe", default="smollm2-135m-cpu")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's)")
+    parser.add_argument("--data-tokens", type=int, default=None,
+                        help="training text kept and cached by the teacher (default: --tokens, one epoch)")
     parser.add_argument("--test-tokens", type=int, default=32768, help="first N tokens of the raw test split")
     parser.add_argument("--zeroshot-limit", type=int, default=100, help="first N items of each zero-shot task")
     parser.add_argument("--parity-limit", type=int, default=60, help="items per task in the harness-parity table")
@@ -57,7 +59,9 @@ def main() -> int:
     teacher = Path(harness_folder(args.teacher))
     common = ["--set", f"teacher={teacher}", "--set", f"teacher_cache.folder={out / 'teacher_cache'}"]
     if args.tokens:
-        common += ["--set", f"train.tokens={args.tokens}", "--set", f"data.train.max_tokens={args.tokens}"]
+        common += ["--set", f"train.tokens={args.tokens}"]
+    if args.tokens or args.data_tokens:   # the teacher cache covers exactly the training sequences
+        common += ["--set", f"data.train.max_tokens={args.data_tokens or args.tokens}"]
     students = {"ann_student": ["--set", "student.kind=ann"], "student": []}
     for name, extra in students.items():
         run = out / name
