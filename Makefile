@@ -17,8 +17,8 @@ test: setup
 test-slow: setup
 	BISPIKCLM_DATA=$(DATA) $(PY) -m pytest -q -m slow
 
-# Every benchmark with the arguments that made the committed results/*.json (about an hour and a half on 2 cores).
-# The energy and spike-cost benchmarks use runs/quickstart when it exists (make quickstart first).
+# Every benchmark with the arguments that made the committed results/*.json (several hours on 2 cores).
+# The energy, spike-cost, quality and peer benchmarks use runs/quickstart when it exists (make quickstart first).
 bench: setup
 	$(PY) benchmarks/train_step.py
 	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine.py
@@ -27,3 +27,7 @@ bench: setup
 	$(PY) benchmarks/ablation.py --data $(DATA) --tokens 204800 --eval-windows 100
 	$(PY) benchmarks/eval.py
 	$(if $(wildcard runs/quickstart/teacher),$(PY) benchmarks/spike_cost.py --data $(DATA) --teacher runs/quickstart/teacher)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/memory.py
+	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 204800 --eval-windows 200 --seeds 0 1 2 --variants paper ann init_all rate_matched learn_threshold_channel
+	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine_peers.py $(if $(wildcard runs/quickstart/student),--run-dir runs/quickstart)
+	$(PY) benchmarks/smollm2.py --data $(DATA) --out runs/smollm2 --tokens 65536 --data-tokens 131072 --test-tokens 16384 --zeroshot-limit 40 --parity results/smollm2/parity.json
