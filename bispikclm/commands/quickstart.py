@@ -25,6 +25,7 @@ import torch
 from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig
 from ..data import SPECIAL_TOKENS, default_data_dir, encode, load_texts, pack, train_tokenizer, unigram_log_probs
+from ..distill.init import INIT_MODES, init_from_teacher
 from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
 from ..energy import format_cost_table, honest_cost, text_token_ids
 from ..errors import UserError
@@ -142,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
     need(recipe["tokenizer"].get("vocab_size", 0) >= 256 + len(SPECIAL_TOKENS), "tokenizer.vocab_size",
          f"must be an integer >= {256 + len(SPECIAL_TOKENS)} (the byte alphabet and special tokens)",
          recipe["tokenizer"].get("vocab_size"))
-    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__)
+    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=("init",))
+    init = (recipe.get("student") or {}).get("init", "random")
+    need(init in INIT_MODES, "student.init", f"must be one of {INIT_MODES}", init)
     for split in ("train", "valid", "test"):
         check_text_file(Path(args.data) / "wikitext-2" / f"{split}.txt", "WikiText-2 file (pass --data DIR)")
     out = Path(args.out)
@@ -174,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_teacher(str(out / "teacher" / "model"), dtype=TEACHER_DTYPES[student_cfg.teacher_dtype])
     check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
 
-    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe["student"])
+    student_section = dict(recipe["student"])
+    init = student_section.pop("init", "random")      # both students start from the same teacher weights
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section)
     students = {"student": None} if args.no_ann_student else {"ann_student": None, "student": None}
     runs = {}
     for name in students:   # the same seed, data order, losses and tokens for both students
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(student_cfg.seed)
         model = (BiSpikCLMForCausalLM(config) if name == "student"
                  else same_shape_ann(config, attn_implementation="eager"))
+        init_from_teacher(model, teacher, init)
         runs[name] = Trainer(model, student_cfg, train_seqs, val_seqs, out / name, teacher=teacher,
                              progress=progress, tokenizer=tokenizer).fit()
         students[name] = model
