@@ -134,6 +134,16 @@ def _copy_blocks(student: BiSpikCLMForCausalLM, teacher_blocks: nn.ModuleList, n
     return done
 
 
+def _init_std(config) -> float:
+    """The standard deviation a Hugging Face config initializes weights with (OPT calls it ``init_std``)."""
+    for name in ("initializer_range", "init_std"):
+        try:
+            return float(getattr(config, name))
+        except AttributeError:
+            continue
+    return 0.02
+
+
 def _init_ann(student: nn.Module, teacher: nn.Module, mode: str) -> list[str]:
     """:func:`init_from_teacher` for an ANN student (OPT or Llama family)."""
     ours, theirs = _teacher_parts(student), _teacher_parts(teacher)
@@ -146,7 +156,7 @@ def _init_ann(student: nn.Module, teacher: nn.Module, mode: str) -> list[str]:
             p.copy_(params[name])
         return [name for name, _ in student.named_parameters()]
     directions = (None if tok_s.shape[1] == tok_t.shape[1]
-                  else _principal_directions(tok_t, tok_s.shape[1], student.config.initializer_range))
+                  else _principal_directions(tok_t, tok_s.shape[1], _init_std(student.config)))
 
     def project(table: torch.Tensor) -> torch.Tensor:
         return table.float() if directions is None else table.float() @ directions
