@@ -12,7 +12,6 @@ import time
 import torch
 
 from ..errors import UserError
-from ..validation import check_finite_weights
 
 ENGINES = ("torch", "packed")
 
@@ -46,7 +45,6 @@ def load(spec: str, args: argparse.Namespace, tokenizer_spec: str | None = None)
     from ..modeling import BiSpikCLMForCausalLM
 
     model, tokenizer = load_pretrained(spec, tokenizer=tokenizer_spec)
-    check_finite_weights(model, spec)
     student = isinstance(model, BiSpikCLMForCausalLM)
     if not student:
         if args.engine == "packed":

@@ -25,7 +25,7 @@ from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
-from ..validation import check_finite_weights, check_text_file, check_types, load_pretrained, need
+from ..validation import check_text_file, check_types, need
 
 SECTIONS = ("teacher", "tokenizer", "data", "student", "train", "teacher_cache")
 # teacher_cache: {folder: DIR, top_k: K, batch_size: B}: run the teacher once over the training sequences and keep
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(recipe["train"])
     if not args.resume and (Path(args.out) / "checkpoints" / "latest").is_file():
         raise UserError(f"{args.out} already holds a run; pass --resume to continue it or use another folder")
-    teacher = load_pretrained(load_teacher, recipe["teacher"], dtype=TEACHER_DTYPES[config.teacher_dtype])
+    # damaged, partial or NaN checkpoints are one-line errors inside (checkpoints.load_causal_lm)
+    teacher = load_teacher(recipe["teacher"], dtype=TEACHER_DTYPES[config.teacher_dtype])
     tokenizer = load_tokenizer(str(recipe.get("tokenizer") or recipe["teacher"]))
     check_teacher(teacher, len(tokenizer), config.seq_len)
     student_section = dict(recipe.get("student") or {})
