@@ -1,7 +1,9 @@
 """``bispikclm <command>``: one entry point, one module per command in :mod:`bispikclm.commands`.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``. Errors a user can fix raise
-:class:`bispikclm.errors.UserError`; they are printed as one line and exit with code 2.
+:class:`bispikclm.errors.UserError`; they are printed as one line and exit with code 2. A run stopped by SIGTERM or
+SIGINT after its checkpoint (:class:`bispikclm.runfolder.Interrupted`) prints one line and exits with 128 + the
+signal's number (143, 130). The run-folder locks a command took are released when it ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import sys
 
 from .errors import UserError
+from .runfolder import Interrupted, release_held
 
 COMMANDS = {
     "quickstart": "Train a small teacher on WikiText-2, distill a student with SpAD, evaluate, report cost",
@@ -41,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"bispikclm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        how = "; run the same command with --resume to continue" if hasattr(args, "resume") else ""
+        print(f"bispikclm {args.command}: {stop}{how}", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        release_held()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from bispikclm.cli import main
+from bispikclm.runfolder import load_state
 from distill_setup import cli, cli_command, make_teacher, make_tokenizer, write_recipe
 
 STEPS = 40
@@ -71,6 +72,8 @@ def test_resume_after_kill_9_gives_the_same_loss_sequence(setup, llama_teacher, 
 
     resumed = cli("train", str(recipe), "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    # the killed run's lock is taken over, with a warning naming it
+    assert f"taking over the lock of {killed} from PID {proc.pid} (train" in resumed.stderr
     expected, got = losses(root / "whole"), losses(killed)
     assert list(got) == list(range(1, STEPS + 1)) and got == expected
     assert all(torch.equal(weights(root / "whole")[k], v) for k, v in weights(killed).items())
@@ -92,7 +95,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup):
     assert all(abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) for k in a), (a, b)
     wa, wb = weights(root / "one"), weights(root / "two")
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5) for k in wa)
-    pa, pb = (torch.load(root / run / "checkpoints" / "step-00000006" / "state.pt")["spad"] for run in ("one", "two"))
+    pa, pb = (load_state(root / run / "checkpoints" / "step-00000006" / "state.safetensors")["spad"]
+              for run in ("one", "two"))
     assert pa and all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
 
 
@@ -209,7 +213,8 @@ def test_early_stopping_keeps_the_best_weights_and_resumes_stopped(setup):
     assert all(r["val_loss"] >= best["val_loss"] for r in evals[-2:]) and evals[-1]["step"] == last_step
     final = json.loads((root / "run" / "final.json").read_text())
     assert final["stopped_early"] and final["val_loss"] == pytest.approx(best["val_loss"])
-    best_weights, final_weights = load_file(str(root / "run" / "best" / "model.safetensors")), weights(root / "run")
+    best_weights = load_file(str(root / "run" / "best" / f"step-{best['step']:08d}" / "model.safetensors"))
+    final_weights = weights(root / "run")
     common = set(best_weights) & set(final_weights)    # tied weights are stored under one of their names
     assert len(common) >= len(final_weights) - 1
     assert all(torch.equal(best_weights[k], final_weights[k]) for k in common)

@@ -33,6 +33,7 @@ from ..evaluation.perplexity import perplexity, windows
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
 from ..report import build_report
+from ..runfolder import hold
 from ..validation import check_text_file, check_types, need
 
 
@@ -83,7 +84,7 @@ def wikitext_ids(data: Path, vocab_size: int, cache_dir: Path):
     tokenizer = train_tokenizer(load_texts(str(folder), "train"), vocab_size, cache)
     ids_path = cache / "ids.pt"
     if ids_path.is_file():
-        ids = torch.load(ids_path)
+        ids = torch.load(ids_path, weights_only=True)
     else:
         ids = {split: encode(load_texts(str(folder), split), tokenizer) for split in ("train", "valid", "test")}
         torch.save(ids, ids_path)
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "teacher" / "checkpoints" / "latest").is_file():
         raise UserError(f"{out} already holds a quickstart run; use another --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
+    hold(out, "quickstart")     # one writer per run folder, until the command ends
     timings: dict[str, float] = {}
 
     start = time.perf_counter()

@@ -25,6 +25,7 @@ from ..distill.init import INIT_MODES, init_from_teacher
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
+from ..runfolder import hold, write_file, writing
 from ..validation import check_text_file, check_types, need
 
 SECTIONS = ("teacher", "tokenizer", "data", "student", "train", "teacher_cache")
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         check_resumed_data(Path(args.out) / "data" / "train.bin", data_meta(recipe["data"]["train"], tokenizer,
                                                                            tokenizer_name))
+    hold(args.out, "train")     # one writer per run folder, from here to the end of the command
     train_seqs, val_seqs = training_data(recipe["data"], tokenizer, config.seq_len, Path(args.out) / "data",
                                          tokenizer_name)
     torch.manual_seed(config.seed)
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
                       tokenizer=tokenizer, teacher_cache=cache)
     final = trainer.fit(resume=args.resume)
     if trainer.accelerator.is_main_process:
-        (Path(args.out) / "final.json").write_text(json.dumps(final, indent=1))
+        with writing(f"{Path(args.out) / 'final.json'}"):
+            write_file(Path(args.out) / "final.json", json.dumps(final, indent=1))
         summary = {k: final[k] for k in ("step", "tokens", "loss", "val_ppl", "tokens_per_s", "skipped_steps", "processes")
                    if k in final}
         print(json.dumps(summary))

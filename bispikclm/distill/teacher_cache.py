@@ -12,8 +12,12 @@ What is kept, for each sequence of the training token file, as memory-mapped ``.
   heads when the student's head count differs (the only form the attention loss then uses).
 
 ``meta.json`` records the layout, the teacher and a digest of the sequences; ``done`` (sequences written so far) is
-updated after each flushed batch, so a killed build resumes where it stopped. A cache built for other sequences, a
-different teacher or another layout is refused.
+updated after each flushed batch (arrays synced first, then ``meta.json`` replaced atomically), so a killed build
+resumes where it stopped. A complete cache has a ``manifest.json`` (sizes and sha256 of every file,
+:mod:`bispikclm.runfolder`) and is verified before it is used; a damaged one is built again. The build holds the
+folder's lock (one builder at a time), allocates the arrays' disk space up front (a full disk is a one-line error,
+not a crash in the middle), and stops after the batch in progress on SIGTERM or SIGINT. A cache built for other
+sequences, a different teacher or another layout is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import runfolder
 from ..errors import UserError
 from .losses import SpADLoss, TopKLogits
 from .teacher import TeacherOutput, teacher_forward
@@ -69,15 +74,17 @@ class TeacherCache:
     """A built cache in ``folder`` (see the module docstring); :meth:`outputs` gives a :class:`TeacherOutput` for
     sequence indices, in the layout the SpAD losses read."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, verify: bool = True) -> None:
         self.folder = Path(folder)
-        meta_path = self.folder / "meta.json"
-        if not meta_path.is_file():
+        self.meta = _read_meta(self.folder)
+        if self.meta is None:
             raise UserError(f"{self.folder} holds no teacher cache (no meta.json)")
-        self.meta = json.loads(meta_path.read_text())
         if self.meta["done"] < self.meta["sequences"]:
             raise UserError(f"the teacher cache in {self.folder} is incomplete ({self.meta['done']} of "
                             f"{self.meta['sequences']} sequences); build it again to resume")
+        reason = runfolder.check_manifest(self.folder) if verify else None
+        if reason:
+            raise UserError(f"the teacher cache in {self.folder} is damaged ({reason}); build it again")
         self.spec = CacheSpec(**self.meta["spec"])
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in self._names(self.spec)}
 
@@ -91,7 +98,8 @@ class TeacherCache:
     def build(cls, teacher, sequences, folder: str | Path, spec: CacheSpec, teacher_name: str,
               batch_size: int = 8, progress: bool = True) -> "TeacherCache":
         """Run ``teacher`` over every sequence of ``sequences`` ``[n, N]`` and write the cache to ``folder``
-        (resuming a partial build of the same sequences, teacher and spec)."""
+        (resuming a partial build of the same sequences, teacher and spec; a complete, verified cache is used as it
+        is). Raises :class:`bispikclm.runfolder.Interrupted` when SIGTERM or SIGINT stopped it between batches."""
         folder = Path(folder)
         n, seq_len = len(sequences), int(sequences.shape[1])
         cfg = teacher.config
@@ -102,21 +110,60 @@ class TeacherCache:
                   "attentions": ((n, len(spec.attention_layers), heads, seq_len, seq_len), np.float16)}
         identity = {"sequences": n, "seq_len": seq_len, "digest": sequences_digest(sequences),
                     "teacher": teacher_name, "spec": asdict(spec)}
-        meta_path = folder / "meta.json"
-        done = 0
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if {k: meta.get(k) for k in identity} != identity:
-                raise UserError(f"{folder} holds a teacher cache of other sequences, another teacher or another "
-                                f"layout; use another folder")
-            done = meta["done"]
-        folder.mkdir(parents=True, exist_ok=True)
-        arrays = {}
+        if cls._done(folder, identity) == n and runfolder.check_manifest(folder) is None:
+            return cls(folder, verify=False)        # complete and verified: no writer needed
+        with runfolder.RunLock(folder, "teacher cache build"), \
+                runfolder.StopSignals("stopping after the batch in progress") as stop:
+            done = cls._done(folder, identity)
+            if done == n and (reason := runfolder.check_manifest(folder)):
+                runfolder.warn(f"the teacher cache in {folder} is damaged or unverified ({reason}); building it again")
+                done = 0
+            done = max(done, 0)
+            with runfolder.writing(f"the teacher cache {folder}"):
+                arrays = cls._open_arrays(folder, shapes, spec, done)
+                cls._fill(teacher, sequences, arrays, spec, folder, identity, done, batch_size, progress, stop)
+                runfolder.write_manifest(folder)
+        return cls(folder, verify=False)
+
+    @staticmethod
+    def _done(folder: Path, identity: dict) -> int:
+        """Sequences a build of ``identity`` has written to ``folder`` (-1: no build started); UserError if
+        ``folder`` holds another cache or an unreadable ``meta.json``."""
+        if not (folder / "meta.json").exists():
+            return -1
+        meta = _read_meta(folder)
+        if meta is None or {k: meta.get(k) for k in identity} != identity:
+            raise UserError(f"{folder} holds a teacher cache of other sequences, another teacher or another layout, "
+                            f"or an unreadable meta.json; use another folder")
+        return int(meta["done"])
+
+    @classmethod
+    def _open_arrays(cls, folder: Path, shapes: dict, spec: CacheSpec, done: int) -> dict[str, np.memmap]:
+        """The cache's memory-mapped arrays, their disk space allocated up front: a full disk is an ``OSError``
+        here rather than a SIGBUS when a page of the map is first written."""
+        arrays, needed = {}, 0
         for name in cls._names(spec):
             shape, dtype = shapes[name]
             path = folder / f"{name}.npy"
             mode = "r+" if done and path.is_file() else "w+"
             arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
+            needed += path.stat().st_size
+        try:
+            for name in arrays:
+                with open(folder / f"{name}.npy", "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if not done:                    # a fresh build leaves nothing behind
+                for name in arrays:
+                    (folder / f"{name}.npy").unlink(missing_ok=True)
+            raise OSError(err.errno, f"{err.strerror} (the cache needs {needed / 2**30:.2f} GiB)") from None
+        return arrays
+
+    @staticmethod
+    def _fill(teacher, sequences, arrays: dict, spec: CacheSpec, folder: Path, identity: dict, done: int,
+              batch_size: int, progress: bool, stop: runfolder.StopSignals) -> None:
+        n = len(sequences)
+        meta_path = folder / "meta.json"
         device = next(teacher.parameters()).device
         bar = tqdm(total=n, initial=done, unit="seq", desc="teacher cache", disable=not progress)
         for first in range(done, n, batch_size):
@@ -135,13 +182,17 @@ class TeacherCache:
                     maps = maps.float().mean(2, keepdim=True)
                 arrays["attentions"][first:last] = maps.float().cpu().numpy().astype(np.float16)
             for array in arrays.values():
-                array.flush()
+                array.flush()               # msync: the rows are on disk before meta.json counts them
             _write_json(meta_path, {**identity, "done": last})
             bar.update(len(ids))
+            if stop.received:
+                bar.close()
+                raise runfolder.Interrupted(stop.received, f"stopped by {runfolder.signal_name(stop.received)} "
+                                                           f"while building the teacher cache {folder} ({last} of "
+                                                           f"{n} sequences done)")
         bar.close()
         if not meta_path.is_file():       # an empty sequence set
             _write_json(meta_path, {**identity, "done": 0})
-        return cls(folder)
 
     def check(self, sequences, spec: CacheSpec) -> None:
         """Raise :class:`UserError` unless this cache was built for ``sequences`` with ``spec``."""
@@ -175,6 +226,17 @@ class TeacherCache:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    runfolder.write_file(path, json.dumps(value, indent=1))
+
+
+def _read_meta(folder: Path) -> dict | None:
+    """``meta.json`` of a cache folder; ``None`` if there is none; UserError if it is unreadable."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        int(meta["done"]), int(meta["sequences"]), meta["spec"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"the teacher cache in {folder} has an unreadable meta.json ({type(err).__name__}); use "
+                        f"another folder or delete it") from None
+    return meta

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .. import runfolder
 from ..errors import UserError
 from ..validation import check_train_settings
 from .losses import SpADLoss, SpikeCostLoss
@@ -137,8 +138,10 @@ def layer_rates(firing_rates: dict[str, float]) -> dict[str, float]:
 class Trainer:
     """Trains ``model`` on packed sequences ``train_data`` ``[num_seqs, seq_len]`` with SpAD against
     ``teacher`` (or cross-entropy only when the loss needs no teacher), writing to ``out_dir``:
-    ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/step-<n>/`` and the final model in ``model/`` (with
-    ``tokenizer`` saved beside it when given, so that the folder loads on its own)."""
+    ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/step-<n>/``, ``best/step-<n>/`` (early stopping) and the
+    final model in ``model/`` (with ``tokenizer`` saved beside it when given, so that the folder loads on its own).
+    Every folder is written through :mod:`bispikclm.runfolder`: verified, atomic, one writer at a time; SIGTERM and
+    SIGINT stop the run after a checkpoint (:class:`bispikclm.runfolder.Interrupted`)."""
 
     def __init__(self, model, config: TrainConfig, train_data: torch.Tensor, val_data: torch.Tensor | None,
                  out_dir: str | Path, teacher=None, fingerprint: dict | None = None, progress: bool = True, tokenizer=None,
@@ -197,6 +200,8 @@ class Trainer:
         self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
         self.step, self.bad_steps, self.skipped = 0, 0, 0
         self.best_val, self.evals_since_best, self.stopped = math.inf, 0, False   # early stopping (checkpointed)
+        self.best_step: int | None = None
+        self._saved_step = -1
         self._perm: tuple[int, torch.Tensor] | None = None
 
     # ---- data -------------------------------------------------------------------------------------------------
@@ -311,28 +316,47 @@ class Trainer:
 
     # ---- early stopping ---------------------------------------------------------------------------------------
     @property
-    def best_path(self) -> Path:
-        return self.out_dir / "best" / "model.safetensors"
+    def best_dir(self) -> Path:
+        return self.out_dir / "best"
+
+    @property
+    def best_path(self) -> Path | None:
+        """The weights with the lowest validation loss so far (``best/step-<n>/model.safetensors``), if any."""
+        return None if self.best_step is None else self.best_dir / f"step-{self.best_step:08d}" / "model.safetensors"
 
     def _track_best(self, val_loss: float) -> bool:
-        """Keep the weights with the lowest validation loss (``best/model.safetensors``, written atomically) and
-        return whether training should stop: ``early_stopping`` evaluations in a row without improvement, once
-        ``min_tokens`` tokens are behind."""
+        """Keep the weights with the lowest validation loss (``best/step-<n>/``, a verified folder written
+        atomically, the earlier best kept until the new one is complete) and return whether training should stop:
+        ``early_stopping`` evaluations in a row without improvement, once ``min_tokens`` tokens are behind."""
         cfg = self.config
         if not cfg.early_stopping:
             return False
         if val_loss < self.best_val:
-            self.best_val, self.evals_since_best = val_loss, 0
-            if self.accelerator.is_main_process:
-                self.best_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.best_path.with_suffix(".tmp")
-                save_model(self.accelerator.unwrap_model(self.model), str(tmp))
-                os.replace(tmp, self.best_path)
-            self.accelerator.wait_for_everyone()
+            self.best_val, self.best_step, self.evals_since_best = val_loss, self.step, 0
+            runfolder.on_main_process(self._write_best)
             return False
         self.evals_since_best += 1
         tokens = self.step * cfg.batch_size * cfg.seq_len
         return self.evals_since_best >= cfg.early_stopping and tokens >= cfg.min_tokens
+
+    def _write_best(self) -> None:
+        folder = self.best_path.parent
+        with runfolder.committing(folder, f"the best weights {folder}",
+                                  f"; the earlier best weights in {self.best_dir} are kept") as tmp:
+            save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
+        self._prune_best()
+
+    def _prune_best(self) -> None:
+        """Remove the best-weight versions that neither this run nor a resumption from one of its checkpoints can
+        end with (each checkpoint records the best step it has seen)."""
+        needed = {self.best_step}
+        for folder in self.checkpoint_dir.glob("step-*"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                needed.add(json.loads((folder / "trainer_state.json").read_text()).get("best_step"))
+        with runfolder.writing(f"the best weights in {self.best_dir}"):
+            for version in self.best_dir.glob("step-*"):
+                if int(version.name[5:]) not in needed:
+                    shutil.rmtree(version)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     @property
@@ -340,88 +364,183 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save_checkpoint(self) -> None:
-        """Weights (safetensors), optimizer, scheduler, RNG and data position, written to a temporary folder that
-        is renamed into place; ``checkpoints/latest`` names the newest complete one."""
+        """Every process calls it; the main one writes ``checkpoints/step-<n>/``: weights (``model.safetensors``),
+        optimizer, scheduler, SpAD projectors and RNG (``state.safetensors``, no pickle), step, early-stopping
+        state and config fingerprint (``trainer_state.json``), with a manifest of sizes and sha256, fsynced and
+        renamed into place (:func:`bispikclm.runfolder.committing`); then ``checkpoints/latest`` names it and the
+        oldest beyond ``keep_checkpoints`` are removed. A failed write is a one-line error on every process, the
+        earlier checkpoints kept."""
+        self.accelerator.wait_for_everyone()
+        runfolder.on_main_process(self._write_checkpoint)
+        self._saved_step = self.step
+
+    def _write_checkpoint(self) -> None:
         acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            final = self.checkpoint_dir / f"step-{self.step:08d}"
-            tmp = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        final = self.checkpoint_dir / f"step-{self.step:08d}"
+        kept = f"; the earlier checkpoints in {self.checkpoint_dir} are kept"
+        with runfolder.committing(final, f"checkpoint {final}", kept) as tmp:
             save_model(acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       tmp / "state.pt")
+            runfolder.save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                                  "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
+                                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                                 tmp / "state.safetensors")
             state = {"step": self.step, "skipped": self.skipped, "fingerprint": self.fingerprint,
-                     "best_val": self.best_val if math.isfinite(self.best_val) else None,
+                     "best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
                      "evals_since_best": self.evals_since_best, "stopped": self.stopped}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            latest_tmp = self.checkpoint_dir / ".latest.tmp"
-            latest_tmp.write_text(final.name)
-            os.replace(latest_tmp, self.checkpoint_dir / "latest")
+        with runfolder.writing(f"checkpoint {final}", kept):
+            runfolder.write_file(self.checkpoint_dir / "latest", final.name)
             for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old)
-        acc.wait_for_everyone()
+            self._prune_best()
 
-    def load_checkpoint(self) -> bool:
-        """Restore the newest checkpoint of ``out_dir``; ``False`` if there is none."""
-        latest = self.checkpoint_dir / "latest"
-        if not latest.is_file():
-            return False
-        folder = self.checkpoint_dir / latest.read_text().strip()
+    @staticmethod
+    def _check_checkpoint(folder: Path) -> str | None:
+        """Why checkpoint ``folder`` cannot be resumed from, or ``None``: its manifest must match every file, its
+        ``trainer_state.json`` parse and both safetensors files open (read as data, never as code)."""
+        reason = runfolder.check_manifest(folder)
+        if reason:
+            return reason
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+            int(state["step"]), state["fingerprint"]
+        except FileNotFoundError:
+            return "trainer_state.json is missing"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "trainer_state.json is unreadable"
+        for name in ("model.safetensors", "state.safetensors"):
+            try:
+                with safe_open(str(folder / name), framework="pt") as f:
+                    if name == "state.safetensors" and "structure" not in (f.metadata() or {}):
+                        return f"{name} holds no saved state"
+            except FileNotFoundError:
+                return f"{name} is missing"
+            except Exception:
+                return f"{name} is not a safetensors file"
+        return None
+
+    def _choose_checkpoint(self) -> str | None:
+        """On the main process: the newest usable checkpoint's name (``None``: the folder holds none). Newer
+        damaged ones are moved aside to ``checkpoints/damaged-step-<n>`` and named on one line with the reason."""
+        folder, skipped = runfolder.newest_usable(self.checkpoint_dir, self._check_checkpoint)
+        why = "; ".join(f"{name} ({reason})" for name, reason in skipped)
+        if folder is None:
+            if skipped:
+                raise UserError(f"no usable checkpoint in {self.checkpoint_dir}: {why}; train again into another "
+                                f"folder")
+            return None
         state = json.loads((folder / "trainer_state.json").read_text())
         if state["fingerprint"] != json.loads(json.dumps(self.fingerprint)):
             raise UserError(f"checkpoint {folder} was written by a different config; resume with the same recipe "
                             f"or use another output folder")
-        load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"),
-                   device=str(self.accelerator.device))
-        extra = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.spad.load_state_dict(extra["spad"])
-        torch.set_rng_state(extra["rng"])
-        if extra["cuda_rng"]:
-            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        if skipped:
+            with runfolder.writing(f"checkpoints in {self.checkpoint_dir}"):
+                for name, _ in skipped:
+                    if (self.checkpoint_dir / name).is_dir():
+                        runfolder.discard(self.checkpoint_dir / f"damaged-{name}")
+                        (self.checkpoint_dir / name).rename(self.checkpoint_dir / f"damaged-{name}")
+            runfolder.warn(f"resuming from {folder.name}; skipped {why}; the skipped folders are kept as damaged-*")
+        return folder.name
+
+    def load_checkpoint(self) -> bool:
+        """Restore the newest usable checkpoint of ``out_dir`` (every process loads the one the main process chose
+        and verified); ``False`` if the folder holds none. A folder whose checkpoints are all damaged is a one-line
+        error, nothing changed."""
+        name = runfolder.on_main_process(self._choose_checkpoint)
+        if name is None:
+            return False
+        folder = self.checkpoint_dir / name
+        state = json.loads((folder / "trainer_state.json").read_text())
+        try:
+            extra = runfolder.load_state(folder / "state.safetensors")
+            load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"),
+                       device=str(self.accelerator.device))
+            self.optimizer.load_state_dict(extra["optimizer"])
+            self.scheduler.load_state_dict(extra["scheduler"])
+            self.spad.load_state_dict(extra["spad"])
+            torch.set_rng_state(extra["rng"])
+            if extra["cuda_rng"]:
+                torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise UserError(f"checkpoint {folder} cannot be loaded: {str(err).splitlines()[0]}") from None
         self.step, self.skipped = state["step"], state["skipped"]
         best = state.get("best_val")
         self.best_val = math.inf if best is None else best
+        self.best_step = state.get("best_step")
         self.evals_since_best = state.get("evals_since_best", 0)
         self.stopped = state.get("stopped", False)
+        self._saved_step = self.step
         return True
+
+    def _write_model(self) -> None:
+        """The final model (and tokenizer) as ``model/``, a verified folder written atomically."""
+        folder = self.out_dir / "model"
+        with runfolder.committing(folder, f"the final model {folder}",
+                                  f"; the checkpoints in {self.checkpoint_dir} are kept") as tmp:
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with (self.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, metrics["step"])
+        path = self.out_dir / "metrics.jsonl"
+        with runfolder.writing(f"metrics {path}", f"; the checkpoints in {self.checkpoint_dir} are kept"):
+            with path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, metrics["step"])
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines written after the checkpoint a run resumes from."""
         path = self.out_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and path.is_file():
             lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            with runfolder.writing(f"metrics {path}"):
+                runfolder.write_file(path, "".join(ln + "\n" for ln in lines))
 
-    def fit(self, resume: bool = False) -> dict:
-        """Train until the token budget is spent; returns the final metrics (and the last evaluation)."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        acc, cfg = self.accelerator, self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def _start(self, resume: bool) -> None:
+        """Under the run folder's lock: restore the newest usable checkpoint (``resume``) or make sure the folder
+        holds no run, and clear what interrupted writes left."""
         if resume:
             self.load_checkpoint()
             self._truncate_metrics()
-        elif (self.checkpoint_dir / "latest").is_file():
+        elif (self.checkpoint_dir / "latest").is_file() or any(self.checkpoint_dir.glob("step-*")):
             raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it or use another folder")
-        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if acc.is_main_process else None
+        if self.accelerator.is_main_process:
+            with runfolder.writing(f"the run folder {self.out_dir}"):
+                for parent in (self.checkpoint_dir, self.best_dir):
+                    runfolder.remove_unfinished(parent)
+                self._prune_best()
+
+    def _stop(self, signum: int) -> None:
+        """Write a checkpoint of the step just finished (unless it has one) and stop with
+        :class:`bispikclm.runfolder.Interrupted`."""
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        if self.writer is not None:
+            self.writer.close()
+        raise runfolder.Interrupted(signum, f"stopped by {runfolder.signal_name(signum)} after step {self.step}; "
+                                            f"checkpoint {self.checkpoint_dir / f'step-{self.step:08d}'} is complete")
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train until the token budget is spent; returns the final metrics (and the last evaluation). Holds the
+        run folder's lock throughout; on SIGTERM or SIGINT the run finishes its step, writes a checkpoint and
+        raises :class:`bispikclm.runfolder.Interrupted`, from which ``fit(resume=True)`` continues bit for bit."""
+        with runfolder.locked(self.out_dir, "training"), runfolder.StopSignals() as stop:
+            return self._fit(resume, stop)
+
+    def _fit(self, resume: bool, stop: runfolder.StopSignals) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+
+        acc, cfg = self.accelerator, self.config
+        self._start(resume)
+        self.writer = None
+        if acc.is_main_process:
+            with runfolder.writing(f"the TensorBoard log in {self.out_dir}"):
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
         tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (self.progress and acc.is_main_process))
         start, start_step, last_eval = time.perf_counter(), self.step, {}
@@ -447,21 +566,27 @@ class Trainer:
                 [f"tok/s={metrics['tokens_per_s']:.0f}", f"loss={metrics['loss']:.3f}"]
                 + [f"{k[5:]}={v:.3f}" for k, v in metrics.items() if k.startswith("loss_")]
                 + ([f"rate={metrics['firing_rate']:.3f}"] if "firing_rate" in metrics else [])))
+            signum = stop.agreed() if stop.received or acc.num_processes > 1 else 0
+            if signum:
+                bar.close()
+                self._stop(signum)
         bar.close()
         if self.val_data is not None and (not cfg.eval_every or self.step % cfg.eval_every):
             last_eval = self.evaluate()
             self._log(last_eval)
             self._track_best(last_eval["val_loss"])
-        if not (self.checkpoint_dir / f"step-{self.step:08d}").is_dir():
+        if self._saved_step != self.step:
             self.save_checkpoint()
-        if cfg.early_stopping and self.best_path.is_file():    # the final model is the best one seen
+        if cfg.early_stopping and self.best_path is not None:    # the final model is the best one seen
+            reason = runfolder.on_main_process(lambda: runfolder.check_manifest(self.best_path.parent))
+            if reason:
+                raise UserError(f"the best weights {self.best_path.parent} cannot be used ({reason}); the "
+                                f"checkpoints in {self.checkpoint_dir} are intact")
             load_model(acc.unwrap_model(self.model), str(self.best_path), device=str(acc.device))
             last_eval = {**last_eval, "val_loss": self.best_val, "val_ppl": math.exp(min(self.best_val, 50.0))}
-        if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(str(self.out_dir / "model"))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(self.out_dir / "model"))
-            self.writer.close()
-        acc.wait_for_everyone()
+        runfolder.on_main_process(self._write_model)
+        if self.writer is not None:
+            with runfolder.writing(f"the TensorBoard log in {self.out_dir}"):
+                self.writer.close()
         return {**metrics, **last_eval, "skipped_steps": self.skipped, "processes": acc.num_processes,
                 "stopped_early": self.stopped}
