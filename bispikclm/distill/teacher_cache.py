@@ -141,21 +141,22 @@ class TeacherCache:
     def _open_arrays(cls, folder: Path, shapes: dict, spec: CacheSpec, done: int) -> dict[str, np.memmap]:
         """The cache's memory-mapped arrays, their disk space allocated up front: a full disk is an ``OSError``
         here rather than a SIGBUS when a page of the map is first written."""
-        arrays, needed = {}, 0
-        for name in cls._names(spec):
-            shape, dtype = shapes[name]
-            path = folder / f"{name}.npy"
-            mode = "r+" if done and path.is_file() else "w+"
-            arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
-            needed += path.stat().st_size
+        names = cls._names(spec)
+        arrays = {}
         try:
-            for name in arrays:
-                with open(folder / f"{name}.npy", "r+b") as f:
+            for name in names:
+                shape, dtype = shapes[name]
+                path = folder / f"{name}.npy"
+                mode = "r+" if done and path.is_file() else "w+"
+                arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
+                with open(path, "r+b") as f:
                     os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as err:
+            arrays.clear()                  # unmapped: nothing keeps the file system busy
             if not done:                    # a fresh build leaves nothing behind
-                for name in arrays:
+                for name in names:
                     (folder / f"{name}.npy").unlink(missing_ok=True)
+            needed = sum(np.prod(shapes[name][0]) * np.dtype(shapes[name][1]).itemsize for name in names)
             raise OSError(err.errno, f"{err.strerror} (the cache needs {needed / 2**30:.2f} GiB)") from None
         return arrays
 

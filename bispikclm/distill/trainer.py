@@ -12,13 +12,14 @@ import dataclasses
 import json
 import math
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -133,6 +134,24 @@ def layer_rates(firing_rates: dict[str, float]) -> dict[str, float]:
     out = {"firing_rate": sum(firing_rates.values()) / len(firing_rates)}
     out.update({f"firing_rate_layer{i}": sum(r) / len(r) for i, r in sorted(per_layer.items())})
     return out
+
+
+@contextlib.contextmanager
+def _quiet_tensorboard_thread():
+    """TensorBoard writes its event file from a thread of its own, which prints a traceback when that write fails
+    (a full disk); the next ``add_scalar`` raises the same ``OSError`` in the training thread, where it becomes the
+    run's one-line error. Silence the thread's copy."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class Trainer:
@@ -388,7 +407,7 @@ class Trainer:
                      "best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
                      "evals_since_best": self.evals_since_best, "stopped": self.stopped}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        with runfolder.writing(f"checkpoint {final}", kept):
+        with runfolder.writing(f"{self.checkpoint_dir / 'latest'}", f"; checkpoint {final} is complete"):
             runfolder.write_file(self.checkpoint_dir / "latest", final.name)
             for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -442,6 +461,11 @@ class Trainer:
             runfolder.warn(f"resuming from {folder.name}; skipped {why}; the skipped folders are kept as damaged-*")
         return folder.name
 
+    def _load_weights(self, path: Path) -> None:
+        device = self.accelerator.device      # "cpu:0" under several CPU processes, a name safetensors refuses
+        load_model(self.accelerator.unwrap_model(self.model), str(path),
+                   device="cpu" if device.type == "cpu" else str(device))
+
     def load_checkpoint(self) -> bool:
         """Restore the newest usable checkpoint of ``out_dir`` (every process loads the one the main process chose
         and verified); ``False`` if the folder holds none. A folder whose checkpoints are all damaged is a one-line
@@ -453,15 +477,14 @@ class Trainer:
         state = json.loads((folder / "trainer_state.json").read_text())
         try:
             extra = runfolder.load_state(folder / "state.safetensors")
-            load_model(self.accelerator.unwrap_model(self.model), str(folder / "model.safetensors"),
-                       device=str(self.accelerator.device))
+            self._load_weights(folder / "model.safetensors")
             self.optimizer.load_state_dict(extra["optimizer"])
             self.scheduler.load_state_dict(extra["scheduler"])
             self.spad.load_state_dict(extra["spad"])
             torch.set_rng_state(extra["rng"])
             if extra["cuda_rng"]:
                 torch.cuda.set_rng_state_all(extra["cuda_rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
             raise UserError(f"checkpoint {folder} cannot be loaded: {str(err).splitlines()[0]}") from None
         self.step, self.skipped = state["step"], state["skipped"]
         best = state.get("best_val")
@@ -529,7 +552,7 @@ class Trainer:
         """Train until the token budget is spent; returns the final metrics (and the last evaluation). Holds the
         run folder's lock throughout; on SIGTERM or SIGINT the run finishes its step, writes a checkpoint and
         raises :class:`bispikclm.runfolder.Interrupted`, from which ``fit(resume=True)`` continues bit for bit."""
-        with runfolder.locked(self.out_dir, "training"), runfolder.StopSignals() as stop:
+        with runfolder.locked(self.out_dir, "training"), runfolder.StopSignals() as stop, _quiet_tensorboard_thread():
             return self._fit(resume, stop)
 
     def _fit(self, resume: bool, stop: runfolder.StopSignals) -> dict:
@@ -582,7 +605,7 @@ class Trainer:
             if reason:
                 raise UserError(f"the best weights {self.best_path.parent} cannot be used ({reason}); the "
                                 f"checkpoints in {self.checkpoint_dir} are intact")
-            load_model(acc.unwrap_model(self.model), str(self.best_path), device=str(acc.device))
+            self._load_weights(self.best_path)
             last_eval = {**last_eval, "val_loss": self.best_val, "val_ppl": math.exp(min(self.best_val, 50.0))}
         runfolder.on_main_process(self._write_model)
         if self.writer is not None:
