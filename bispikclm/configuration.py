@@ -5,13 +5,14 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from .errors import InvalidConfig, UserError
-from .neurons import LEARNABLE, SURROGATES
+from .neurons import FIRE_MODES, LEARNABLE, SURROGATES
 from .validation import check_types
 
 # Neuron groups; each can override beta / threshold / surrogate / alpha / detach_reset via `neuron_overrides`.
 # `ffn_gate` exists only in gated FFNs (ffn_type="gated").
 NEURON_GROUPS = ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in", "ffn_gate", "ffn_hidden", "ffn_out", "head")
-NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset", "learn_threshold", "learn_beta")
+NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset", "learn_threshold", "learn_beta",
+                 "initial_membrane", "fire")
 FFN_TYPES = ("mlp", "gated")
 FFN_GATES = ("select", "and")
 # Teacher families whose MLP is gated (SwiGLU/GeGLU: down(act(gate(x)) * up(x))): their students get a gated SFFN.
@@ -49,7 +50,11 @@ class BiSpikCLMConfig(PretrainedConfig):
     Spiking fields:
 
     * ``time_steps``: T, the number of time steps each token is run for (direct encoding).
-    * ``threshold``, ``beta``, ``surrogate``, ``surrogate_alpha``, ``detach_reset``: LIF defaults for every group.
+    * ``threshold``, ``beta``, ``surrogate``, ``surrogate_alpha``, ``detach_reset``: LIF defaults for every group
+      (``beta = 1``: integrate-and-fire, no leak).
+    * ``initial_membrane``: the membrane before the first step as a fraction of the threshold (0, the paper's;
+      0.5 with ``beta = 1`` rounds instead of floors, as in QCFS); ``fire``: ``"step"`` (the paper's) or
+      ``"count"`` (integrate the token's T steps, then fire; :mod:`bispikclm.neurons`).
     * ``learn_threshold`` (``"none"``, ``"group"``: one per neuron module, ``"channel"``: one per channel; the
       attention map's neuron has no channels and learns one per module) and ``learn_beta`` (``"none"``,
       ``"group"``): thresholds and leaks trained with the weights, starting from ``threshold`` and ``beta``.
@@ -88,6 +93,8 @@ class BiSpikCLMConfig(PretrainedConfig):
     surrogate: str = "arctan"
     surrogate_alpha: float | None = None
     detach_reset: bool = False
+    initial_membrane: float = 0.0
+    fire: str = "step"
     learn_threshold: str = "none"
     learn_beta: str = "none"
     attn_scale: float | None = None
@@ -138,7 +145,9 @@ class BiSpikCLMConfig(PretrainedConfig):
         need(self.ffn_type in FFN_TYPES, "ffn_type", f"must be one of {FFN_TYPES}")
         need(self.ffn_gate in FFN_GATES, "ffn_gate", f"must be one of {FFN_GATES}")
         need(self.time_steps >= 1, "time_steps", "must be an integer >= 1")
-        need(0.0 < self.beta < 1.0, "beta", "must be in (0, 1)")
+        need(0.0 < self.beta <= 1.0, "beta", "must be in (0, 1]")
+        need(0.0 <= self.initial_membrane <= 1.0, "initial_membrane", "must be in [0, 1] (a fraction of the threshold)")
+        need(self.fire in FIRE_MODES, "fire", f"must be one of {FIRE_MODES}")
         need(self.threshold > 0, "threshold", "must be > 0")
         need(self.attn_threshold > 0, "attn_threshold", "must be > 0")
         need(self.attn_scale is None or self.attn_scale > 0, "attn_scale", "must be > 0 or None")
@@ -184,7 +193,8 @@ class BiSpikCLMConfig(PretrainedConfig):
             raise ValueError(f"unknown neuron group {group!r} (known: {NEURON_GROUPS})")
         kwargs = dict(beta=self.beta, threshold=self.attn_threshold if group == "attn" else self.threshold,
                       surrogate=self.surrogate, alpha=self.surrogate_alpha, detach_reset=self.detach_reset,
-                      learn_threshold=self.learn_threshold, learn_beta=self.learn_beta)
+                      learn_threshold=self.learn_threshold, learn_beta=self.learn_beta,
+                      initial_membrane=self.initial_membrane, fire=self.fire)
         kwargs.update(self.neuron_overrides.get(group, {}))
         if kwargs["learn_threshold"] == "channel" and (group == "attn" or channels is None):
             kwargs["learn_threshold"] = "group"       # the attention map has no channels

@@ -2,14 +2,25 @@
 
 Dynamics (METHOD §1), run over the leading time axis of the input current ``I`` of shape ``[T, *]``::
 
-    U[t] = beta * U[t-1] + I[t] - threshold * S[t-1]
-    S[t] = Heaviside(U[t] - threshold)            # S in {0, 1}
+    U[-1] = initial                               # 0 in the paper; threshold / 2 turns floor into round (QCFS)
+    U[t]  = beta * U[t-1] + I[t] - threshold * S[t-1]
+    S[t]  = Heaviside(U[t] - threshold)           # S in {0, 1}
+
+``beta = 1`` is the integrate-and-fire (IF) neuron. Driven by a constant current ``I`` for ``T`` steps, an IF
+neuron starting at ``initial`` in ``[0, threshold)`` fires ``clip(floor((T·I + initial) / threshold), 0, T)``
+times: a ``T + 1``-level quantizer of ``I``.
 
 Two implementations with the same signature and the same outputs and gradients:
 
 * :func:`lif_reference`: a plain loop; autograd keeps every intermediate of every step.
 * :func:`lif_lean`: a custom autograd function that keeps one tensor, the membrane potential ``U``,
   and runs the backward recursion by hand (spikes are re-derived as ``U >= threshold``).
+
+A second firing mode, ``"count"`` (:func:`count_reference`, :func:`count_lean`), integrates a token's whole
+T-step input first and then fires: ``A = initial + I[0] + ... + I[T-1]``, ``S[t] = Heaviside(A - (t + 1) ·
+threshold)``, i.e. ``k = clip(floor(A / threshold), 0, T)`` binary spikes in the first ``k`` steps. It is the exact
+``T + 1``-level quantizer of the token's summed input whether or not the input is constant over the steps (the
+step-by-step neuron is exact only for constant input); the leak plays no part.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import torch
 from torch import nn
 
 SURROGATES = ("arctan", "sigmoid", "triangle")
+FIRE_MODES = ("step", "count")
 LEARNABLE = ("none", "group", "channel")
 DEFAULT_ALPHA = {"arctan": 2.0, "sigmoid": 4.0, "triangle": 1.0}
 
@@ -58,10 +70,11 @@ class Heaviside(torch.autograd.Function):
 
 
 def lif_reference(current: torch.Tensor, beta, threshold, surrogate: str = "arctan",
-                  alpha: float = 2.0, detach_reset: bool = False) -> torch.Tensor:
-    """Plain multi-step LIF: ``current`` ``[T, *]`` -> spikes ``[T, *]`` (0/1, same dtype). ``beta`` and
-    ``threshold`` are floats, or tensors broadcast over ``current[t]`` (learned leak and thresholds)."""
-    u = torch.zeros_like(current[0])
+                  alpha: float = 2.0, detach_reset: bool = False, initial=0.0) -> torch.Tensor:
+    """Plain multi-step LIF: ``current`` ``[T, *]`` -> spikes ``[T, *]`` (0/1, same dtype). ``beta``,
+    ``threshold`` and ``initial`` (the membrane before the first step) are floats, or tensors broadcast over
+    ``current[t]`` (learned leak and thresholds)."""
+    u = torch.zeros_like(current[0]) + initial
     s = torch.zeros_like(current[0])
     spikes = []
     for t in range(current.shape[0]):
@@ -72,11 +85,16 @@ def lif_reference(current: torch.Tensor, beta, threshold, surrogate: str = "arct
     return torch.stack(spikes)
 
 
+def _is_zero(value) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
 @torch.no_grad()
-def lif_membrane(current: torch.Tensor, beta, threshold) -> torch.Tensor:
+def lif_membrane(current: torch.Tensor, beta, threshold, initial=0.0) -> torch.Tensor:
     """Membrane potential ``U`` ``[T, *]`` of the LIF neuron (no autograd); spikes are ``U >= threshold``."""
     membrane = torch.empty_like(current)
-    u = current[0]
+    # same operation order as lif_reference (beta * initial + I[0] - threshold * 0), so the bits agree
+    u = current[0] if _is_zero(initial) else beta * initial + current[0]
     membrane[0] = u
     for t in range(1, current.shape[0]):
         # same operation order as lif_reference, so both give bit-identical potentials
@@ -86,14 +104,15 @@ def lif_membrane(current: torch.Tensor, beta, threshold) -> torch.Tensor:
 
 
 def _lif_backward(membrane: torch.Tensor, grad_spikes: torch.Tensor, beta, threshold, surrogate: str, alpha: float,
-                  detach_reset: bool, param_grads: bool = False):
+                  detach_reset: bool, param_grads: bool = False, initial=0.0):
     """Backpropagation through time of the LIF recursion, from the membrane potential alone.
 
-    Returns the gradient of the current ``[T, *]``; with ``param_grads``, also those of ``beta`` and ``threshold``
-    (tensors broadcast over the current), unreduced ``[*]``::
+    Returns the gradient of the current ``[T, *]``; with ``param_grads``, also those of ``beta``, ``threshold``
+    and ``initial`` (tensors broadcast over the current), unreduced ``[*]``::
 
-        dL/dθ = Σ_t -dL/dh[t] - S[t] · dL/dU[t+1]     (h = U - θ; the reset subtracts θ·S)
-        dL/dβ = Σ_t dL/dU[t] · U[t-1]
+        dL/dθ  = Σ_t -dL/dh[t] - S[t] · dL/dU[t+1]     (h = U - θ; the reset subtracts θ·S)
+        dL/dβ  = Σ_t dL/dU[t] · U[t-1]                 (U[-1] = initial)
+        dL/dU0 = β · dL/dU[0]
     """
     grad_current = torch.empty_like(membrane)
     grad_u_next = None
@@ -112,10 +131,12 @@ def _lif_backward(membrane: torch.Tensor, grad_spikes: torch.Tensor, beta, thres
                 grad_threshold -= (membrane[t] >= threshold).to(membrane.dtype) * grad_u_next
             if t > 0:
                 grad_beta += grad_u * membrane[t - 1]
+            elif not _is_zero(initial):
+                grad_beta += grad_u * initial
         grad_current[t] = grad_u
         grad_u_next = grad_u
     if param_grads:
-        return grad_current, grad_beta, grad_threshold
+        return grad_current, grad_beta, grad_threshold, beta * grad_current[0]
     return grad_current
 
 
@@ -128,24 +149,29 @@ def _reduce_to(grad: torch.Tensor, like) -> torch.Tensor | None:
     return grad.reshape(-1, like.shape[-1]).sum(0)
 
 
+def _learned(*values) -> bool:
+    return any(isinstance(p, torch.Tensor) and p.requires_grad for p in values)
+
+
 class _LeanLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, current, beta, threshold, surrogate, alpha, detach_reset):
-        membrane = lif_membrane(current, beta, threshold)
+    def forward(ctx, current, beta, threshold, surrogate, alpha, detach_reset, initial):
+        membrane = lif_membrane(current, beta, threshold, initial)
         ctx.save_for_backward(membrane)
         ctx.params = (beta, threshold, surrogate, alpha, detach_reset)
+        ctx.initial = initial
         return (membrane >= threshold).to(current.dtype)
 
     @staticmethod
     def backward(ctx, grad_spikes):
         membrane = ctx.saved_tensors[0]
         beta, threshold = ctx.params[:2]
-        learned = any(isinstance(p, torch.Tensor) and p.requires_grad for p in (beta, threshold))
-        grads = _lif_backward(membrane, grad_spikes, *ctx.params, param_grads=learned)
-        if not learned:
-            return grads, None, None, None, None, None
-        grad_current, grad_beta, grad_threshold = grads
-        return grad_current, _reduce_to(grad_beta, beta), _reduce_to(grad_threshold, threshold), None, None, None
+        if not _learned(beta, threshold, ctx.initial):
+            return _lif_backward(membrane, grad_spikes, *ctx.params, initial=ctx.initial), *[None] * 6
+        grad_current, grad_beta, grad_threshold, grad_initial = _lif_backward(
+            membrane, grad_spikes, *ctx.params, param_grads=True, initial=ctx.initial)
+        return (grad_current, _reduce_to(grad_beta, beta), _reduce_to(grad_threshold, threshold), None, None, None,
+                _reduce_to(grad_initial, ctx.initial))
 
 
 class _LeanLIFLevels(torch.autograd.Function):
@@ -153,48 +179,115 @@ class _LeanLIFLevels(torch.autograd.Function):
     recomputes the membrane potential in backward (attention scores: integers in [0, head_dim])."""
 
     @staticmethod
-    def forward(ctx, levels, scale, beta, threshold, surrogate, alpha, detach_reset):
+    def forward(ctx, levels, scale, beta, threshold, surrogate, alpha, detach_reset, initial):
         current = levels * scale
-        membrane = lif_membrane(current, beta, threshold)
+        membrane = lif_membrane(current, beta, threshold, initial)
         small = torch.uint8 if float(levels.max()) <= 255 and float(levels.min()) >= 0 else torch.int16
         ctx.save_for_backward(levels.to(small))
         ctx.params = (beta, threshold, surrogate, alpha, detach_reset)
-        ctx.scale, ctx.dtype = scale, levels.dtype
+        ctx.scale, ctx.dtype, ctx.initial = scale, levels.dtype, initial
         return (membrane >= threshold).to(levels.dtype)
 
     @staticmethod
     def backward(ctx, grad_spikes):
         (levels,) = ctx.saved_tensors
         beta, threshold = ctx.params[:2]
-        membrane = lif_membrane(levels.to(ctx.dtype) * ctx.scale, beta, threshold)
-        learned = any(isinstance(p, torch.Tensor) and p.requires_grad for p in (beta, threshold))
-        grads = _lif_backward(membrane, grad_spikes, *ctx.params, param_grads=learned)
-        if not learned:
-            return grads * ctx.scale, None, None, None, None, None, None
-        grad_current, grad_beta, grad_threshold = grads
+        membrane = lif_membrane(levels.to(ctx.dtype) * ctx.scale, beta, threshold, ctx.initial)
+        if not _learned(beta, threshold, ctx.initial):
+            grads = _lif_backward(membrane, grad_spikes, *ctx.params, initial=ctx.initial)
+            return grads * ctx.scale, *[None] * 7
+        grad_current, grad_beta, grad_threshold, grad_initial = _lif_backward(
+            membrane, grad_spikes, *ctx.params, param_grads=True, initial=ctx.initial)
         return (grad_current * ctx.scale, None, _reduce_to(grad_beta, beta), _reduce_to(grad_threshold, threshold),
-                None, None, None)
+                None, None, None, _reduce_to(grad_initial, ctx.initial))
 
 
 def lif_lean(current: torch.Tensor, beta, threshold, surrogate: str = "arctan",
-             alpha: float = 2.0, detach_reset: bool = False) -> torch.Tensor:
+             alpha: float = 2.0, detach_reset: bool = False, initial=0.0) -> torch.Tensor:
     """Multi-step LIF with the same outputs and gradients as :func:`lif_reference`, run without autograd's
     per-step graph: it keeps one tensor, the membrane potential ``[T, *]``, and runs the backward recursion by
     hand (the reference keeps a graph of about five nodes per time step)."""
-    learned = any(isinstance(p, torch.Tensor) and p.requires_grad for p in (beta, threshold))
-    if not torch.is_grad_enabled() or not (current.requires_grad or learned):
-        return (lif_membrane(current, beta, threshold) >= threshold).to(current.dtype)
-    return _LeanLIF.apply(current, beta, threshold, surrogate, alpha, detach_reset)
+    if not torch.is_grad_enabled() or not (current.requires_grad or _learned(beta, threshold, initial)):
+        return (lif_membrane(current, beta, threshold, initial) >= threshold).to(current.dtype)
+    return _LeanLIF.apply(current, beta, threshold, surrogate, alpha, detach_reset, initial)
+
+
+# ---- "count" firing: integrate the token's T steps, then fire ----------------------------------------------------
+@torch.no_grad()
+def count_total(current: torch.Tensor, initial=0.0) -> torch.Tensor:
+    """``A = initial + I[0] + I[1] + ... + I[T-1]`` ``[*]``, summed in this order (the engine sums alike)."""
+    total = current[0] if _is_zero(initial) else initial + current[0]
+    for t in range(1, current.shape[0]):
+        total = total + current[t]
+    return total
+
+
+def _step_thresholds(threshold, total: torch.Tensor, steps: int) -> list:
+    """``(t + 1) · threshold`` for each step, computed in the dtype of ``total`` (as the engine does)."""
+    threshold = torch.as_tensor(threshold, dtype=total.dtype, device=total.device)
+    return [(t + 1) * threshold for t in range(steps)]
+
+
+def _count_spikes(total: torch.Tensor, threshold, steps: int, dtype) -> torch.Tensor:
+    return torch.stack([total >= level for level in _step_thresholds(threshold, total, steps)]).to(dtype)
+
+
+def count_reference(current: torch.Tensor, beta, threshold, surrogate: str = "arctan", alpha: float = 2.0,
+                    detach_reset: bool = False, initial=0.0) -> torch.Tensor:
+    """Plain "count" firing (module docstring): ``S[t] = Heaviside(A - (t + 1) · threshold)`` with
+    ``A = initial + Σ_t I[t]``; ``beta`` and ``detach_reset`` are accepted for a common signature and unused."""
+    total = current[0] + initial
+    for t in range(1, current.shape[0]):
+        total = total + current[t]
+    return torch.stack([Heaviside.apply(total - level, surrogate, alpha)
+                        for level in _step_thresholds(threshold, total, current.shape[0])])
+
+
+class _LeanCount(torch.autograd.Function):
+    """Count firing that keeps only ``A`` ``[*]`` for backward::
+
+        dL/dA = Σ_t dL/dS[t] · sg'(A - (t+1)θ);   dL/dI[t] = dL/dinitial = dL/dA;   dL/dθ = -Σ_t (t+1) dL/dS[t] sg'
+    """
+
+    @staticmethod
+    def forward(ctx, current, threshold, surrogate, alpha, initial):
+        total = count_total(current, initial)
+        ctx.save_for_backward(total)
+        ctx.threshold, ctx.surrogate, ctx.alpha, ctx.initial, ctx.steps = threshold, surrogate, alpha, initial,             current.shape[0]
+        return _count_spikes(total, threshold, current.shape[0], current.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        (total,) = ctx.saved_tensors
+        grad_total = torch.zeros_like(total)
+        grad_threshold = torch.zeros_like(total) if _learned(ctx.threshold) else None
+        for t, level in enumerate(_step_thresholds(ctx.threshold, total, ctx.steps)):
+            g = grad_spikes[t] * surrogate_grad(total - level, ctx.surrogate, ctx.alpha)
+            grad_total += g
+            if grad_threshold is not None:
+                grad_threshold -= (t + 1) * g
+        grad_current = grad_total.unsqueeze(0).expand(ctx.steps, *total.shape)
+        return (grad_current, _reduce_to(grad_threshold, ctx.threshold) if grad_threshold is not None else None,
+                None, None, _reduce_to(grad_total, ctx.initial))
+
+
+def count_lean(current: torch.Tensor, beta, threshold, surrogate: str = "arctan", alpha: float = 2.0,
+               detach_reset: bool = False, initial=0.0) -> torch.Tensor:
+    """:func:`count_reference` with the same outputs and gradients, keeping one tensor ``A`` ``[*]``."""
+    if not torch.is_grad_enabled() or not (current.requires_grad or _learned(threshold, initial)):
+        return _count_spikes(count_total(current, initial), threshold, current.shape[0], current.dtype)
+    return _LeanCount.apply(current, threshold, surrogate, alpha, initial)
 
 
 BACKENDS = {"reference": lif_reference, "lean": lif_lean}
+COUNT_BACKENDS = {"reference": count_reference, "lean": count_lean}
 
 
 class LIFNeuron(nn.Module):
     """Multi-step LIF neuron with soft reset. Input currents ``[T, *]`` -> binary spikes ``[T, *]``.
 
     Args:
-        beta: leak, in (0, 1).
+        beta: leak, in (0, 1]; 1 is the integrate-and-fire (IF) neuron.
         threshold: firing threshold, > 0.
         surrogate: ``"arctan"`` (default), ``"sigmoid"`` or ``"triangle"``.
         alpha: sharpness of the surrogate; ``None`` takes the surrogate's default.
@@ -205,6 +298,11 @@ class LIFNeuron(nn.Module):
         learn_beta: ``"none"`` (default) or ``"group"`` (one learned leak, kept in [0.01, 0.99]). The leak stays
             one number per module, so ``beta · U`` remains a multiplication by a constant.
         channels: size of the last axis of the current, for ``learn_threshold="channel"``.
+        initial_membrane: the membrane before the first step, as a fraction of the threshold (0: the paper's;
+            0.5 with ``beta=1`` makes the neuron round instead of floor its input, as QCFS does).
+        fire: ``"step"`` (the paper's: fire as the membrane crosses the threshold, step by step) or ``"count"``
+            (integrate the token's T steps, then fire ``clip(floor(A / threshold), 0, T)`` spikes in the first steps;
+            see the module docstring).
 
     The membrane always runs in float32 (at least): under a bf16/fp16 autocast the current is cast up first, since
     half-precision membranes lose small steps and the spikes would depend on the precision. Spikes (0 or 1, exact in
@@ -213,10 +311,11 @@ class LIFNeuron(nn.Module):
 
     def __init__(self, beta: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan",
                  alpha: float | None = None, detach_reset: bool = False, backend: str = "lean",
-                 learn_threshold: str = "none", learn_beta: str = "none", channels: int | None = None) -> None:
+                 learn_threshold: str = "none", learn_beta: str = "none", channels: int | None = None,
+                 initial_membrane: float = 0.0, fire: str = "step") -> None:
         super().__init__()
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must be in (0, 1), got {beta}")
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"beta must be in (0, 1], got {beta}")
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
         if surrogate not in SURROGATES:
@@ -228,10 +327,15 @@ class LIFNeuron(nn.Module):
                              f"{learn_threshold!r}, {learn_beta!r}")
         if learn_threshold == "channel" and not channels:
             raise ValueError("learn_threshold='channel' needs the number of channels")
+        if not 0.0 <= initial_membrane <= 1.0:
+            raise ValueError(f"initial_membrane must be in [0, 1] (a fraction of the threshold), got {initial_membrane}")
+        if fire not in FIRE_MODES:
+            raise ValueError(f"fire must be one of {FIRE_MODES}, got {fire!r}")
         self.beta, self.threshold, self.surrogate = float(beta), float(threshold), surrogate
         self.alpha = float(DEFAULT_ALPHA[surrogate] if alpha is None else alpha)
         self.detach_reset, self.backend = detach_reset, backend
         self.learn_threshold, self.learn_beta = learn_threshold, learn_beta
+        self.initial_membrane, self.fire = float(initial_membrane), fire
         shape = {"group": (), "channel": (channels,)}
         self.threshold_param = (nn.Parameter(torch.full(shape[learn_threshold], float(threshold)))
                                 if learn_threshold != "none" else None)
@@ -242,6 +346,13 @@ class LIFNeuron(nn.Module):
         beta = self.beta if self.beta_param is None else self.beta_param.clamp(0.01, 0.99)
         threshold = self.threshold if self.threshold_param is None else self.threshold_param.clamp_min(0.01)
         return beta, threshold
+
+    def initial_now(self, threshold=None):
+        """The membrane before the first step, ``initial_membrane · threshold`` (a float, or a tensor that follows
+        a learned threshold)."""
+        if threshold is None:
+            threshold = self.parameters_now()[1]
+        return self.initial_membrane * threshold if self.initial_membrane else 0.0
 
     def forward(self, current: torch.Tensor, valid: torch.Tensor | None = None,
                 input_scale: float | None = None) -> torch.Tensor:
@@ -254,8 +365,11 @@ class LIFNeuron(nn.Module):
         dtype = current.dtype
         if dtype in (torch.float16, torch.bfloat16):
             current = current.float()
-        args = (*self.parameters_now(), self.surrogate, self.alpha, self.detach_reset)
-        if input_scale is None:
+        beta, threshold = self.parameters_now()
+        args = (beta, threshold, self.surrogate, self.alpha, self.detach_reset, self.initial_now(threshold))
+        if self.fire == "count":
+            spikes = COUNT_BACKENDS[self.backend](current if input_scale is None else current * input_scale, *args)
+        elif input_scale is None:
             spikes = BACKENDS[self.backend](current, *args)
         elif self.backend == "lean" and torch.is_grad_enabled() and (current.requires_grad or self.learned):
             spikes = _LeanLIFLevels.apply(current, input_scale, *args)
@@ -269,8 +383,10 @@ class LIFNeuron(nn.Module):
 
     def extra_repr(self) -> str:
         learned = (f", learn_threshold={self.learn_threshold}, learn_beta={self.learn_beta}" if self.learned else "")
+        options = (f", initial_membrane={self.initial_membrane}" if self.initial_membrane else "") + (
+            f", fire={self.fire}" if self.fire != "step" else "")
         return (f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}, alpha={self.alpha}, "
-                f"detach_reset={self.detach_reset}, backend={self.backend}" + learned)
+                f"detach_reset={self.detach_reset}, backend={self.backend}" + learned + options)
 
 
 class FiringRateRecorder:

@@ -66,7 +66,8 @@ def rotary_teacher_student(**overrides) -> BiSpikCLMForCausalLM:
 @pytest.mark.parametrize("time_steps, overrides", [
     (2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)), (2, dict(spiking_head=True)),
     (2, LLAMA), (4, dict(LLAMA, ffn_gate="and")), (2, dict(LLAMA, spiking_head=True, **LEARNED)),
-    (2, "rotary teacher")])
+    (2, "rotary teacher"), (2, dict(beta=1.0, initial_membrane=0.5)),
+    (4, dict(LLAMA, fire="count", initial_membrane=0.5, **LEARNED))])
 @pytest.mark.parametrize("int8", [False, True])
 def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_steps, overrides, int8):
     if overrides == "rotary teacher":
@@ -134,27 +135,34 @@ def test_fast_path_gives_the_reference_bits(int8, time_steps):
     current = rng.standard_normal((n, time_steps, d)).astype(np.float32) * 2
     gain = rng.standard_normal(d).astype(np.float32)
     thresholds = (0.9, rng.uniform(0.5, 1.5, d).astype(np.float32))       # one, or one per channel
+    # neuron options: (beta, initial membrane as a fraction of the threshold, count firing)
+    options = ((0.7, 0.0, False), (1.0, 0.5, False), (0.7, 0.5, True))
     outs = []
     for ops in (kernels, reference):
         for threshold in thresholds:
-            membrane, spikes = current.copy(), np.empty((n, time_steps, 3), np.uint64)
-            ops.lif(membrane, 0.7, threshold, spikes)
-            x, gated = current.copy(), current.copy()
-            ops.residual_add(x, spikes, gain)
-            ops.gate_current(gated, spikes)
-            outs.append((membrane, spikes, x, gated))
-    for a, b in zip(outs[:2], outs[2:]):
+            for beta, initial, count in options:
+                membrane, spikes = current.copy(), np.empty((n, time_steps, 3), np.uint64)
+                ops.lif(membrane, beta, threshold, np.float32(initial) * threshold, count, spikes)
+                x, gated = current.copy(), current.copy()
+                ops.residual_add(x, spikes, gain)
+                ops.gate_current(gated, spikes)
+                outs.append((membrane, spikes, x, gated))
+    half = len(outs) // 2
+    for a, b in zip(outs[:half], outs[half:]):
         for u, v in zip(a, b):
             assert np.array_equal(u, v)
-    assert not np.array_equal(outs[0][1], outs[1][1])                       # per-channel thresholds matter
+    assert not np.array_equal(outs[0][1], outs[len(options)][1])            # per-channel thresholds matter
+    assert all(not np.array_equal(outs[0][1], outs[i][1]) for i in range(1, len(options)))   # so do the options
     # attention: one K/V head per query head, and grouped-query heads (3 per K/V head), heads off word boundaries
     for heads, kv_heads, head_dim in [(5, 5, 32), (6, 2, 48), (3, 1, 80)]:
         q = pack(rng.random((n, time_steps, heads * head_dim)) < 0.4)
         k_cache, v_cache = (pack(rng.random((time_steps, 32, kv_heads * head_dim)) < 0.4) for _ in range(2))
-        fast, ref = (np.empty((n, time_steps, heads * head_dim), np.int32) for _ in range(2))
-        kernels.sfsa(q, k_cache, v_cache, past, heads, kv_heads, head_dim, 1 / head_dim, 0.5, 0.05, fast)
-        reference.sfsa(q, k_cache, v_cache, past, heads, kv_heads, head_dim, 1 / head_dim, 0.5, 0.05, ref)
-        assert np.array_equal(fast, ref) and fast.any()
+        for beta, initial, count in options:
+            fast, ref = (np.empty((n, time_steps, heads * head_dim), np.int32) for _ in range(2))
+            args = (q, k_cache, v_cache, past, heads, kv_heads, head_dim, 1 / head_dim, beta, 0.05, initial * 0.05, count)
+            kernels.sfsa(*args, fast)
+            reference.sfsa(*args, ref)
+            assert np.array_equal(fast, ref) and fast.any()
     h = rng.standard_normal((2, d)).astype(np.float32)
     weight, _, scale = random_linear(rng, d, 3000, True)
     fast, ref = (np.empty((2, 3000), np.float32) for _ in range(2))

@@ -13,7 +13,11 @@ SMALL = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_
 # and OPT-style blocks whose neurons learn their thresholds (one per channel) and leaks (one per neuron module)
 SHAPES = {"opt": {}, "llama-select": dict(num_key_value_heads=2, ffn_type="gated", ffn_gate="select"),
           "llama-and": dict(num_key_value_heads=2, ffn_type="gated", ffn_gate="and"),
-          "opt-learned": dict(learn_threshold="channel", learn_beta="group")}
+          "opt-learned": dict(learn_threshold="channel", learn_beta="group"),
+          # integrate-and-fire neurons whose membrane starts at half the threshold (they round: QCFS), and neurons
+          # that integrate a token's T steps before they fire (fire="count"), with learned per-channel thresholds
+          "opt-if-half": dict(beta=1.0, initial_membrane=0.5),
+          "opt-count": dict(fire="count", initial_membrane=0.5, learn_threshold="channel")}
 
 
 def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:
@@ -56,6 +60,8 @@ def test_no_softmax_exp_or_division_in_the_blocks_and_multiplications_are_listed
     if shape == "opt-learned":   # learned leak (0-d) times the membrane; learned threshold per channel times spikes
         allowed |= {("scalar", kind) for kind in ("float", "binary", "count")} | {(k, "binary") for k in
                                                                                   ("float", "binary")}
+    if shape == "opt-count":     # the firing levels (t + 1) * threshold: a constant of the neuron
+        allowed |= {("scalar", "scalar")}
     assert kinds <= allowed | ({("binary", "binary")} if shape == "llama-and" else set()), kinds
     selects = [r for r in muls if r.kinds == ("binary", "float")]
     assert all(r.module.startswith("model.layers.") for r in selects)
@@ -158,7 +164,7 @@ def test_save_load_round_trip_through_auto_classes(tmp_path, shape):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("field, value", [("time_steps", 0), ("beta", 1.0), ("beta", 0.0), ("threshold", 0.0),
+@pytest.mark.parametrize("field, value", [("time_steps", 0), ("beta", 1.5), ("beta", 0.0), ("initial_membrane", -0.1), ("fire", "burst"), ("threshold", 0.0),
                                           ("threshold", -1.0), ("num_attention_heads", 5), ("surrogate", "relu")])
 def test_invalid_config_names_the_field(field, value):
     name = "hidden_size" if field == "num_attention_heads" else field

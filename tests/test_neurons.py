@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bispikclm.neurons import SURROGATES, FiringRateRecorder, LIFNeuron, lif_lean, lif_membrane, lif_reference
+from bispikclm.neurons import (SURROGATES, FiringRateRecorder, LIFNeuron, count_lean, count_reference, lif_lean,
+                               lif_membrane, lif_reference)
 
 
 @pytest.mark.parametrize("surrogate", SURROGATES)
@@ -80,7 +81,8 @@ def test_membrane_runs_in_float32_under_half_precision():
     assert not torch.equal(torch.stack(bf16_spikes).float(), spikes.float())
 
 
-@pytest.mark.parametrize("kwargs, field", [(dict(beta=1.0), "beta"), (dict(beta=0.0), "beta"),
+@pytest.mark.parametrize("kwargs, field", [(dict(beta=1.5), "beta"), (dict(beta=0.0), "beta"),
+                                           (dict(initial_membrane=1.5), "initial_membrane"), (dict(fire="burst"), "fire"),
                                            (dict(threshold=0.0), "threshold"), (dict(surrogate="relu"), "surrogate")])
 def test_bad_neuron_arguments(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -138,4 +140,80 @@ def test_learned_threshold_on_attention_levels_matches_the_reference():
         (neuron(x, input_scale=0.125) * torch.linspace(-1, 1, 5, dtype=torch.float64)).sum().backward()
         grads[backend] = (x.grad, neuron.threshold_param.grad)
     for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---- neuron quantization options ---------------------------------------------------------------------------------
+CURRENTS = torch.linspace(-0.5, 3.0, 351, dtype=torch.float64)   # constant currents, in units of the threshold
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("initial", [0.0, 0.5])
+@pytest.mark.parametrize("fire", ["step", "count"])
+def test_constant_current_gives_the_spike_count_of_the_formula(steps, initial, fire):
+    """IF (beta = 1) and count neurons driven by a constant current I for T steps fire
+    clip(floor((T·I + initial) / θ), 0, T) times: floor with a membrane from 0, round from θ/2 (QCFS)."""
+    theta = 0.8
+    current = (CURRENTS * theta).expand(steps, -1)
+    neuron = LIFNeuron(beta=1.0, threshold=theta, initial_membrane=initial, fire=fire)
+    count = neuron(current).sum(0)
+    expected = torch.floor((steps * current[0] + initial * theta) / theta + 1e-9).clamp(0, steps)
+    assert torch.equal(count, expected)
+    if initial == 0.5:          # a rounding quantizer: every current within half a level of its spike count
+        inside = (current[0] >= 0) & (current[0] <= theta)
+        error = (count * theta / steps - current[0])[inside].abs()
+        assert error.max() <= theta / (2 * steps) + 1e-9
+
+
+def test_a_leak_and_a_zero_membrane_bias_the_quantizer_downwards():
+    """With beta < 1 and the membrane from 0, a constant current fires no more often than the IF neuron does."""
+    theta, steps = 1.0, 4
+    current = CURRENTS.expand(steps, -1)
+    leaky = LIFNeuron(beta=0.5, threshold=theta)(current).sum(0)
+    integrate = LIFNeuron(beta=1.0, threshold=theta)(current).sum(0)
+    assert (leaky <= integrate).all() and (leaky < integrate).any()
+
+
+def test_count_firing_fires_first_and_depends_only_on_the_summed_input():
+    current = torch.tensor([[0.0, 2.0, 0.4], [2.0, 0.0, 0.4]])     # T = 2: the same sums 2, 2 and 0.8
+    spikes = LIFNeuron(threshold=1.0, fire="count")(current)
+    assert spikes.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    # the step-by-step neuron fires once for [0, 2] (the first step is lost), twice for [2, 0] (leak 0.5)
+    assert LIFNeuron(beta=0.5, threshold=1.0)(current)[:, :2].sum(0).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_count_lean_equals_reference_outputs_and_gradients(surrogate, steps):
+    torch.manual_seed(0)
+    current = torch.randn(steps, 3, 17, dtype=torch.float64) * 1.5
+    threshold = torch.rand(17, dtype=torch.float64) + 0.5
+    grad_out = torch.randn(steps, 3, 17, dtype=torch.float64)
+    out = {}
+    for name, fn in [("reference", count_reference), ("lean", count_lean)]:
+        x, th = current.clone().requires_grad_(), threshold.clone().requires_grad_()
+        spikes = fn(x, 0.5, th, surrogate, 2.0, False, 0.5 * th)
+        (spikes * grad_out).sum().backward()
+        out[name] = (spikes, x.grad, th.grad)
+    assert torch.equal(out["reference"][0], out["lean"][0])
+    for a, b in zip(out["reference"][1:], out["lean"][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert out["lean"][1].abs().sum() > 0 and out["lean"][2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("beta", [0.6, 1.0])
+def test_initial_membrane_lean_equals_reference_with_learned_parameters(beta):
+    torch.manual_seed(0)
+    current = torch.randn(4, 3, 17, dtype=torch.float64)
+    grad_out = torch.randn(4, 3, 17, dtype=torch.float64)
+    out = {}
+    for name in ("reference", "lean"):
+        neuron = LIFNeuron(beta=min(beta, 0.99), threshold=0.7, initial_membrane=0.5, backend=name,
+                           learn_threshold="channel", learn_beta="group", channels=17).double()
+        x = current.clone().requires_grad_()
+        spikes = neuron(x)
+        (spikes * grad_out).sum().backward()
+        out[name] = (spikes, x.grad, neuron.threshold_param.grad, neuron.beta_param.grad)
+    assert torch.equal(out["reference"][0], out["lean"][0])
+    for a, b in zip(out["reference"][1:], out["lean"][1:]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

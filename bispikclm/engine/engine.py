@@ -63,22 +63,27 @@ class PackedLinear:
 
 @dataclass
 class Neuron:
-    """A LIF neuron as the engine runs it: ``beta`` one float32, ``threshold`` one float32 or one per channel
-    (learned thresholds and leaks are read from the module as the model uses them)."""
+    """A LIF neuron as the engine runs it: ``beta`` one float32, ``threshold`` and ``initial`` (the membrane before
+    the first step) one float32 or one per channel, ``count`` the firing mode (``fire="count"``); learned thresholds
+    and leaks are read from the module as the model uses them."""
 
     beta: np.float32
     threshold: np.ndarray
+    initial: np.ndarray
+    count: bool
 
     @classmethod
     def of(cls, module: LIFNeuron, channels: int | None = None) -> "Neuron":
         """The neuron of ``module``; with ``channels``, the threshold is spread over them once here rather than
         at every call."""
         beta, threshold = module.parameters_now()
+        initial = module.initial_now(threshold)
         as_array = lambda v: np.asarray(v.detach().float().numpy() if torch.is_tensor(v) else v, np.float32)  # noqa: E731
-        threshold = as_array(threshold)
+        threshold, initial = as_array(threshold), as_array(initial)
         if channels is not None:
             threshold = np.ascontiguousarray(np.broadcast_to(threshold, (channels,)))
-        return cls(np.float32(as_array(beta)), threshold)
+            initial = np.ascontiguousarray(np.broadcast_to(initial, (channels,)))
+        return cls(np.float32(as_array(beta)), threshold, initial, module.fire == "count")
 
 
 @dataclass
@@ -176,7 +181,7 @@ class PackedEngine:
 
     def _lif(self, current: np.ndarray, neuron: Neuron) -> np.ndarray:
         spikes = np.empty(current.shape[:2] + (words(current.shape[2]),), np.uint64)
-        self.ops.lif(current, neuron.beta, neuron.threshold, spikes)
+        self.ops.lif(current, neuron.beta, neuron.threshold, neuron.initial, neuron.count, spikes)
         return spikes
 
     def _current(self, inputs: np.ndarray, layer: PackedLinear, counts: bool = False) -> np.ndarray:
@@ -235,7 +240,8 @@ class PackedEngine:
             attn = neurons["self_attn.attn_neuron"]
             counts = np.empty((n, cfg.time_steps, self.q_size), np.int32)
             self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads, cfg.key_value_heads,
-                          self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, counts)
+                          self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, attn.initial,
+                          attn.count, counts)
             y = self._lif(self._current(counts, block.out, counts=True), neurons["self_attn.out_neuron"])
             self.ops.residual_add(x, y, block.attn_residual_scale)
             b = self._lif(x.copy(), neurons["ffn_in_neuron"])

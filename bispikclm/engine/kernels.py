@@ -159,16 +159,26 @@ def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
 
 
 @njit(cache=True, nogil=True)
-def _lif(current, beta, threshold, out):
+def _lif(current, beta, threshold, initial, count, out):
     n_tok, t_steps, d = current.shape
     for n in range(n_tok):
         for w in range(out.shape[2]):
             for t in range(t_steps):
                 out[n, t, w] = 0
         for c in range(d):
-            u = np.float32(0.0)
-            s = np.float32(0.0)
             theta = threshold[c]
+            if count:
+                total = initial[c] + current[n, 0, c]
+                current[n, 0, c] = total
+                for t in range(1, t_steps):
+                    total = total + current[n, t, c]
+                    current[n, t, c] = total
+                for t in range(t_steps):
+                    if total >= np.float32(t + 1) * theta:
+                        out[n, t, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+                continue
+            u = initial[c]
+            s = np.float32(0.0)
             for t in range(t_steps):
                 u = beta * u + current[n, t, c] - theta * s
                 current[n, t, c] = u
@@ -179,12 +189,18 @@ def _lif(current, beta, threshold, out):
                     s = np.float32(0.0)
 
 
-def lif(current: np.ndarray, beta: float, threshold, out: np.ndarray) -> None:
+def _per_channel(value, channels: int) -> np.ndarray:
+    if isinstance(value, np.ndarray) and value.shape == (channels,) and value.dtype == np.float32 \
+            and value.flags.c_contiguous:
+        return value
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(value, np.float32), (channels,)))
+
+
+def lif(current: np.ndarray, beta: float, threshold, initial, count: bool, out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.lif`."""
-    if not (isinstance(threshold, np.ndarray) and threshold.shape == current.shape[-1:]
-            and threshold.dtype == np.float32 and threshold.flags.c_contiguous):
-        threshold = np.ascontiguousarray(np.broadcast_to(np.asarray(threshold, np.float32), current.shape[-1:]))
-    _lif(current, np.float32(beta), threshold, out)
+    channels = current.shape[-1]
+    _lif(current, np.float32(beta), _per_channel(threshold, channels), _per_channel(initial, channels), bool(count),
+         out)
 
 
 @njit(cache=True, nogil=True)
@@ -233,7 +249,7 @@ def _window(row, start, n_bits):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold, out):
+def _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold, initial, count, out):
     n_new, t_steps = q.shape[0], q.shape[1]
     group = num_heads // num_kv_heads
     chunks = (head_dim + 63) // 64
@@ -241,37 +257,45 @@ def _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, b
         n, h = job // num_heads, job % num_heads
         q_lo, kv_lo = h * head_dim, (h // group) * head_dim     # a group of query heads shares one K/V head
         q_bits = np.empty((t_steps, chunks), np.uint64)
+        fired = np.empty(t_steps, np.bool_)
         for t in range(t_steps):
             for i in range(chunks):
                 q_bits[t, i] = _window(q[n, t], q_lo + 64 * i, min(64, head_dim - 64 * i))
             for c in range(q_lo, q_lo + head_dim):
                 out[n, t, c] = 0
         for j in range(past + n + 1):
-            u = np.float32(0.0)
+            u = initial
             s = np.float32(0.0)
             for t in range(t_steps):
                 score = np.uint64(0)
                 for i in range(chunks):
                     score += _popcount(q_bits[t, i] & _window(k_cache[t, j], kv_lo + 64 * i,
                                                               min(64, head_dim - 64 * i)))
+                if count:
+                    u = initial + np.float32(score) * scale if t == 0 else u + np.float32(score) * scale
+                    continue
                 u = beta * u + np.float32(score) * scale - threshold * s
-                if u >= threshold:
-                    s = np.float32(1.0)
+                fired[t] = u >= threshold
+                s = np.float32(1.0) if fired[t] else np.float32(0.0)
+            if count:
+                for t in range(t_steps):
+                    fired[t] = u >= np.float32(t + 1) * threshold
+            for t in range(t_steps):
+                if fired[t]:
                     for i in range(chunks):
                         bits = _window(v_cache[t, j], kv_lo + 64 * i, min(64, head_dim - 64 * i))
                         while bits:
                             c = q_lo + 64 * i + _ctz(bits)
                             bits &= bits - np.uint64(1)
                             out[n, t, c] += 1
-                else:
-                    s = np.float32(0.0)
 
 
 def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, num_kv_heads: int,
-         head_dim: int, scale: float, beta: float, threshold: float, out: np.ndarray) -> None:
+         head_dim: int, scale: float, beta: float, threshold: float, initial: float, count: bool,
+         out: np.ndarray) -> None:
     """See :func:`bispikclm.engine.reference.sfsa`."""
     _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, np.float32(scale), np.float32(beta),
-          np.float32(threshold), out)
+          np.float32(threshold), np.float32(initial), bool(count), out)
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -40,13 +40,26 @@ def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
             out[n, t] = acc.astype(np.float32) * scale
 
 
-def lif(current: np.ndarray, beta: float, threshold, out: np.ndarray) -> None:
+def lif(current: np.ndarray, beta: float, threshold, initial, count: bool, out: np.ndarray) -> None:
     """LIF neurons with soft reset over the time axis of ``current`` ``[N, T, D]`` float32, in place:
     ``current`` becomes the membrane potential ``U``; ``out`` ``[N, T, W]`` uint64 gets the packed spikes
-    ``U >= threshold``. ``U[t] = beta * U[t-1] + I[t] - threshold * S[t-1]`` in float32; ``threshold`` is one
-    number or one per channel ``[D]`` (learned thresholds)."""
+    ``U >= threshold``. ``U[t] = beta * U[t-1] + I[t] - threshold * S[t-1]`` in float32 from ``U[-1] = initial``;
+    ``threshold`` and ``initial`` are one number or one per channel ``[D]``.
+
+    With ``count`` (:mod:`bispikclm.neurons`, ``fire="count"``): ``current`` becomes the running sums
+    ``A[t] = initial + I[0] + ... + I[t]`` and the spikes are ``A[T-1] >= (t + 1) * threshold``."""
     beta, threshold = np.float32(beta), np.asarray(threshold, np.float32)
-    u = np.zeros_like(current[:, 0])
+    initial = np.asarray(initial, np.float32)
+    if count:
+        total = initial + current[:, 0]
+        current[:, 0] = total
+        for t in range(1, current.shape[1]):
+            total = total + current[:, t]
+            current[:, t] = total
+        steps = np.arange(1, current.shape[1] + 1, dtype=np.float32)[:, None]     # (t + 1) * threshold in float32
+        out[...] = pack(total[:, None] >= steps * threshold)
+        return
+    u = np.zeros_like(current[:, 0]) + initial
     s = np.zeros_like(u)
     for t in range(current.shape[1]):
         u = beta * u + current[:, t] - threshold * s
@@ -69,13 +82,15 @@ def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
 
 
 def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, num_kv_heads: int,
-         head_dim: int, scale: float, beta: float, threshold: float, out: np.ndarray) -> None:
+         head_dim: int, scale: float, beta: float, threshold: float, initial: float, count: bool,
+         out: np.ndarray) -> None:
     """Softmax-free spiking attention of ``N`` new queries against the binary K/V cache.
 
     ``q`` ``[N, T, W]`` packed (``num_heads`` heads of ``head_dim``); ``k_cache``, ``v_cache`` ``[T, N_max, W_kv]``
     packed (``num_kv_heads`` heads; query head ``h`` reads K/V head ``h // (num_heads / num_kv_heads)``), rows
     ``0 .. past + N - 1`` filled; query ``n`` is position ``past + n`` and sees keys ``0 .. past + n``. Per head
-    and key: ``S = popcount(Q AND K)``, ``P = LIF(scale * S)`` over the T steps, and ``out``
+    and key: ``S = popcount(Q AND K)``, ``P = LIF(scale * S)`` over the T steps (membrane from ``initial``; with
+    ``count``, the attention neuron fires as :func:`lif` does with ``count``), and ``out``
     ``[N, T, num_heads * head_dim]`` int32 gets ``O = P V``, the count of the value spikes of the keys whose
     attention neuron fired."""
     n_new, t_steps, _ = q.shape
@@ -90,13 +105,23 @@ def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num
     scores = (qb & kb[None]).sum(-1)                                         # [N, T, H, keys]
     current = scores.astype(np.float32) * np.float32(scale)
     causal = np.arange(keys)[None, :] <= past + np.arange(n_new)[:, None]   # [N, keys]
-    beta, threshold = np.float32(beta), np.float32(threshold)
-    u = np.zeros_like(current[:, 0])
-    s = np.zeros_like(u)
+    beta, threshold, initial = np.float32(beta), np.float32(threshold), np.float32(initial)
+    fired = np.empty(current.shape, bool)
+    if count:
+        total = initial + current[:, 0]
+        for t in range(1, t_steps):
+            total = total + current[:, t]
+        for t in range(t_steps):
+            fired[:, t] = total >= np.float32(t + 1) * threshold
+    else:
+        u = np.zeros_like(current[:, 0]) + initial
+        s = np.zeros_like(u)
+        for t in range(t_steps):
+            u = beta * u + current[:, t] - threshold * s
+            s = (u >= threshold).astype(np.float32)
+            fired[:, t] = u >= threshold
     for t in range(t_steps):
-        u = beta * u + current[:, t] - threshold * s
-        s = (u >= threshold).astype(np.float32)
-        attn = (u >= threshold) & causal[:, None, :]                         # P[t], [N, H, keys]
+        attn = fired[:, t] & causal[:, None, :]                              # P[t], [N, H, keys]
         counts = np.einsum("nhk,hkd->nhd", attn.astype(np.int32), vb[t].astype(np.int32))
         out[:, t] = counts.reshape(n_new, num_heads * head_dim)
 
