@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from .errors import UserError
@@ -45,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bispikclm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        how = "; run the same command with --resume to continue" if hasattr(args, "resume") else ""
+        how = ("; run the same command with --resume to continue" if hasattr(args, "resume")
+               else "; this command does not resume: run it again with another --out")
         print(f"bispikclm {args.command}: {stop}{how}", file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:       # Ctrl-C outside a run, or a second one inside: no checkpoint of this moment
+        how = "; the last complete checkpoint is intact (--resume continues from it)" if hasattr(args, "resume") else ""
+        print(f"bispikclm {args.command}: interrupted{how}", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         release_held()
 

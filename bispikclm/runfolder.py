@@ -236,11 +236,19 @@ def committing(final: str | Path, what: str | None = None, after: str = "") -> I
 
 
 def remove_unfinished(parent: str | Path) -> None:
-    """Remove the temporary folders an interrupted :func:`committing` left in ``parent``."""
+    """Clear what an interrupted :func:`committing` left in ``parent``: temporary folders are removed, and a folder
+    that :func:`seal` had moved aside gets its name back if nothing replaced it."""
     parent = Path(parent)
-    if parent.is_dir():
-        for tmp in list(parent.glob(".tmp-*")) + list(parent.glob(".old-*")):
-            discard(tmp)
+    if not parent.is_dir():
+        return
+    for tmp in parent.glob(".tmp-*"):
+        discard(tmp)
+    for old in parent.glob(".old-*"):
+        final = parent / old.name[len(".old-"):]
+        if final.exists():
+            discard(old)
+        else:
+            os.rename(old, final)
 
 
 def newest_usable(parent: str | Path, check: Callable[[Path], str | None] = check_manifest,

@@ -374,7 +374,8 @@ class Trainer:
                 needed.add(json.loads((folder / "trainer_state.json").read_text()).get("best_step"))
         with runfolder.writing(f"the best weights in {self.best_dir}"):
             for version in self.best_dir.glob("step-*"):
-                if int(version.name[5:]) not in needed:
+                step = version.name[len("step-"):]
+                if step.isdigit() and int(step) not in needed:
                     shutil.rmtree(version)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -534,7 +535,7 @@ class Trainer:
             raise UserError(f"{self.out_dir} already holds a run; pass --resume to continue it or use another folder")
         if self.accelerator.is_main_process:
             with runfolder.writing(f"the run folder {self.out_dir}"):
-                for parent in (self.checkpoint_dir, self.best_dir):
+                for parent in (self.out_dir, self.checkpoint_dir, self.best_dir):
                     runfolder.remove_unfinished(parent)
                 self._prune_best()
 
