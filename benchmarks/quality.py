@@ -26,13 +26,22 @@ from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
 from bispikclm.configuration import BiSpikCLMConfig
 from bispikclm.data import default_data_dir, pack
 from bispikclm.distill import TrainConfig, Trainer, load_teacher
+from bispikclm.distill.calibrate import set_time_steps
 from bispikclm.distill.init import init_from_teacher
 from bispikclm.ann import same_shape_ann
 from bispikclm.evaluation.perplexity import perplexity
 from bispikclm.modeling import BiSpikCLMForCausalLM
 from bispikclm.recipes import load_recipe, merge, parse_overrides
 
+CALIBRATED = ["student.init=calibrated", "student.per_channel_neurons=true", "student.fire=count",
+              "student.beta=1.0", "student.initial_membrane=0.5"]
+CALIBRATED_IF = ["student.init=calibrated", "student.per_channel_neurons=true", "student.beta=1.0",
+                 "student.initial_membrane=0.5"]
+LOGITS = ["train.weights.emb=0", "train.weights.attn=0", "train.weights.feat=0", "train.weights.soft=0.8",
+          "train.weights.hard=0.2"]
+
 #: name -> (what it tests, recipe overrides). "paper" is the reference: random initialization, fixed neurons.
+#: ``stage.time_steps=T0``: the first half of the tokens at T0, then the recipe's T (progressive precision).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "paper": ("random init, fixed thresholds and leaks (the paper's setting)", []),
     "ann": ("the ANN of the student's shape, same losses (no Rate-MSE), tokens, data order and seed",
@@ -48,6 +57,21 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "surrogate_narrow": ("arctan surrogate, alpha 4 (narrower)", ["student.surrogate_alpha=4.0"]),
     "lr_1e-3": ("learning rate 0.001", ["train.lr=0.001"]),
     "lr_1e-2": ("learning rate 0.01", ["train.lr=0.01"]),
+    "if_half": ("init all; IF neurons (beta 1) starting at half the threshold (QCFS rounding)",
+                ["student.init=all", "student.beta=1.0", "student.initial_membrane=0.5"]),
+    "count_half": ("init all; count firing (integrate the token's T steps, then fire) from half the threshold",
+                   ["student.init=all", "student.fire=count", "student.initial_membrane=0.5"]),
+    "calibrated": ("per-channel thresholds and block linears calibrated from the teacher; count firing",
+                   CALIBRATED),
+    "calibrated_if": ("calibrated; IF neurons firing step by step", CALIBRATED_IF),
+    "calibrated_rel": ("calibrated; the surrogate's width follows each threshold",
+                       CALIBRATED + ["student.relative_surrogate=true"]),
+    "calibrated_logits": ("calibrated, relative surrogate; logits only: soft 0.8, hard 0.2 (no feature, "
+                          "attention or Rate-MSE terms)", CALIBRATED + ["student.relative_surrogate=true"] + LOGITS),
+    "calibrated_progressive": ("calibrated_logits trained at T = 4 for the first half of the tokens, then T = 2",
+                               CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + ["stage.time_steps=4"]),
+    "paper_logits": ("the paper's setting with the logit-only losses of calibrated_logits", LOGITS),
+    "init_all_logits": ("init all with the logit-only losses of calibrated_logits", ["student.init=all"] + LOGITS),
     "ffn_mlp": ("Llama-style GQA student, two-matrix spiking MLP of width 512 (equal parameters)",
                 ["student.num_key_value_heads=2", "student.ffn_type=mlp", "student.ffn_dim=512"]),
     "ffn_select": ("Llama-style GQA student, gated SFFN (select) of width 344",
@@ -59,15 +83,33 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def build_student(teacher, recipe: dict):
-    """The student a recipe describes (``student.kind``, ``student.init`` and BiSpikCLMConfig overrides)."""
+def build_student(teacher, recipe: dict, calibration=None):
+    """The student a recipe describes (``student.kind``, ``student.init`` and BiSpikCLMConfig overrides);
+    ``calibration``: token ids ``[S, N]`` for ``init: calibrated``."""
     section = dict(recipe["student"])
     kind, init = section.pop("kind", "spiking"), section.pop("init", "random")
     config = BiSpikCLMConfig.from_teacher_config(teacher.config, **section)
     student = (same_shape_ann(config, attn_implementation="eager") if kind == "ann"
                else BiSpikCLMForCausalLM(config))
-    init_from_teacher(student, teacher, init)
+    init_from_teacher(student, teacher, init, calibration=calibration)
     return student
+
+
+def train(student, recipe: dict, seed: int, train_seqs, val_seqs, folder: Path, teacher) -> dict:
+    """SpAD as the recipe says; with ``stage.time_steps`` the first half of the tokens at that T
+    (:func:`~bispikclm.distill.calibrate.set_time_steps` keeps calibrated quantizers), the second at the
+    student's own T, each half with the recipe's schedule."""
+    cfg = TrainConfig.from_dict({**recipe["train"], "seed": seed})
+    first = recipe.get("stage", {}).get("time_steps")
+    if first is None:
+        return Trainer(student, cfg, train_seqs, val_seqs, folder, teacher=teacher, progress=False).fit()
+    final_steps, half = student.config.time_steps, cfg.tokens // 2
+    set_time_steps(student, int(first))
+    Trainer(student, TrainConfig.from_dict({**recipe["train"], "seed": seed, "tokens": half}), train_seqs, val_seqs,
+            folder / "stage1", teacher=teacher, progress=False).fit()
+    set_time_steps(student, final_steps)
+    return Trainer(student, TrainConfig.from_dict({**recipe["train"], "seed": seed + 1000, "tokens": cfg.tokens - half}),
+                   train_seqs, val_seqs, folder / "stage2", teacher=teacher, progress=False).fit()
 
 
 def summarize(rows: list[dict], teacher_ppl: float) -> dict:
@@ -77,7 +119,8 @@ def summarize(rows: list[dict], teacher_ppl: float) -> dict:
             "test_ppl_min": min(ppl), "test_ppl_max": max(ppl), "ratio_to_teacher": mean / teacher_ppl,
             "firing_rate_mean": (statistics.fmean(r["firing_rate"] for r in rows)
                                  if rows[0]["firing_rate"] is not None else None),
-            "train_wall_s_mean": statistics.fmean(r["train_wall_s"] for r in rows)}
+            "train_wall_s_mean": statistics.fmean(r["train_wall_s"] for r in rows),
+            "step0_ppl_mean": statistics.fmean(r["step0_ppl"] for r in rows) if "step0_ppl" in rows[0] else None}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -113,6 +156,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["paper"], choices=list(VARIANTS))
     parser.add_argument("--eval-windows", type=int, help="test windows to score (default: the whole test set)")
+    parser.add_argument("--calibration", type=int, default=64, help="training sequences for init: calibrated")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override applied to every variant")
     args = parser.parse_args()
@@ -136,16 +180,18 @@ def main() -> None:
         results["descriptions"][name] = {"what": description, "overrides": overrides}
         recipe = merge(base, parse_overrides(overrides))
         for seed in args.seeds:
-            cfg = TrainConfig.from_dict({**recipe["train"], "seed": seed})
             torch.manual_seed(seed)
-            student = build_student(teacher, recipe)
+            calibration = train_seqs[torch.randperm(len(train_seqs))[:args.calibration]]
+            student = build_student(teacher, recipe, calibration)
+            step0 = perplexity(student.eval(), test, context, batch_size=16, progress=False).perplexity
             folder = Path(args.out) / f"{name}-seed{seed}"
             shutil.rmtree(folder, ignore_errors=True)
             wall = time.perf_counter()
-            final = Trainer(student, cfg, train_seqs, val_seqs, folder, teacher=teacher, progress=False).fit()
+            final = train(student.train(), recipe, seed, train_seqs, val_seqs, folder, teacher)
             wall = time.perf_counter() - wall
             scored = perplexity(student.eval(), test, context, batch_size=16, progress=False)
-            row = {"variant": name, "seed": seed, "test_ppl": scored.perplexity, "firing_rate": scored.firing_rate,
+            row = {"variant": name, "seed": seed, "step0_ppl": step0, "test_ppl": scored.perplexity,
+                   "firing_rate": scored.firing_rate,
                    "firing_rates": scored.firing_rates, "train_wall_s": wall, "tokens_per_s": final["tokens_per_s"]}
             results["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "firing_rates"}), flush=True)

@@ -12,7 +12,7 @@ from .validation import check_types
 # `ffn_gate` exists only in gated FFNs (ffn_type="gated").
 NEURON_GROUPS = ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in", "ffn_gate", "ffn_hidden", "ffn_out", "head")
 NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset", "learn_threshold", "learn_beta",
-                 "initial_membrane", "fire")
+                 "initial_membrane", "fire", "per_channel", "relative_surrogate")
 FFN_TYPES = ("mlp", "gated")
 FFN_GATES = ("select", "and")
 # Teacher families whose MLP is gated (SwiGLU/GeGLU: down(act(gate(x)) * up(x))): their students get a gated SFFN.
@@ -55,6 +55,9 @@ class BiSpikCLMConfig(PretrainedConfig):
     * ``initial_membrane``: the membrane before the first step as a fraction of the threshold (0, the paper's;
       0.5 with ``beta = 1`` rounds instead of floors, as in QCFS); ``fire``: ``"step"`` (the paper's) or
       ``"count"`` (integrate the token's T steps, then fire; :mod:`bispikclm.neurons`).
+    * ``per_channel_neurons``: one threshold and initial membrane per channel, in buffers that calibration
+      (:mod:`bispikclm.distill.calibrate`) sets from the teacher; ``relative_surrogate``: the surrogate's width
+      follows each threshold (``alpha / threshold``).
     * ``learn_threshold`` (``"none"``, ``"group"``: one per neuron module, ``"channel"``: one per channel; the
       attention map's neuron has no channels and learns one per module) and ``learn_beta`` (``"none"``,
       ``"group"``): thresholds and leaks trained with the weights, starting from ``threshold`` and ``beta``.
@@ -95,6 +98,8 @@ class BiSpikCLMConfig(PretrainedConfig):
     detach_reset: bool = False
     initial_membrane: float = 0.0
     fire: str = "step"
+    per_channel_neurons: bool = False
+    relative_surrogate: bool = False
     learn_threshold: str = "none"
     learn_beta: str = "none"
     attn_scale: float | None = None
@@ -154,6 +159,8 @@ class BiSpikCLMConfig(PretrainedConfig):
         need(self.surrogate in SURROGATES, "surrogate", f"must be one of {SURROGATES}")
         need(self.learn_threshold in LEARNABLE, "learn_threshold", f"must be one of {LEARNABLE}")
         need(self.learn_beta in LEARNABLE[:2], "learn_beta", f"must be one of {LEARNABLE[:2]}")
+        need(not (self.per_channel_neurons and self.learn_threshold != "none"), "per_channel_neurons",
+             "needs learn_threshold='none' (per-channel thresholds are calibrated, not learned)")
         need(self.neuron_backend in ("lean", "reference"), "neuron_backend", "must be 'lean' or 'reference'")
         need(self.residual_scale is None or self.residual_scale > 0, "residual_scale", "must be > 0 or None")
         need(self.input_gain is None or self.input_gain > 0, "input_gain", "must be > 0 or None")
@@ -194,7 +201,8 @@ class BiSpikCLMConfig(PretrainedConfig):
         kwargs = dict(beta=self.beta, threshold=self.attn_threshold if group == "attn" else self.threshold,
                       surrogate=self.surrogate, alpha=self.surrogate_alpha, detach_reset=self.detach_reset,
                       learn_threshold=self.learn_threshold, learn_beta=self.learn_beta,
-                      initial_membrane=self.initial_membrane, fire=self.fire)
+                      initial_membrane=self.initial_membrane, fire=self.fire,
+                      per_channel=self.per_channel_neurons, relative_surrogate=self.relative_surrogate)
         kwargs.update(self.neuron_overrides.get(group, {}))
         if kwargs["learn_threshold"] == "channel" and (group == "attn" or channels is None):
             kwargs["learn_threshold"] = "group"       # the attention map has no channels

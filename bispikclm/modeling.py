@@ -177,6 +177,9 @@ class BiSpikCLMPreTrainedModel(PreTrainedModel):
                 init.constant_(module.threshold_param, module.threshold)
             if module.beta_param is not None:
                 init.constant_(module.beta_param, module.beta)
+            if module.per_channel:
+                init.constant_(module.channel_threshold, module.threshold)
+                init.constant_(module.channel_initial, module.initial_membrane * module.threshold)
         elif isinstance(module, BiSpikCLMBlock):
             init.constant_(module.attn_residual_scale, cfg.effective_residual_scale)
             init.constant_(module.ffn_residual_scale, cfg.effective_residual_scale)

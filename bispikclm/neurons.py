@@ -303,6 +303,13 @@ class LIFNeuron(nn.Module):
         fire: ``"step"`` (the paper's: fire as the membrane crosses the threshold, step by step) or ``"count"``
             (integrate the token's T steps, then fire ``clip(floor(A / threshold), 0, T)`` spikes in the first steps;
             see the module docstring).
+        per_channel: thresholds and initial membranes one per channel, held in the buffers ``channel_threshold``
+            and ``channel_initial`` (the initial membrane as a value, not a fraction). They start at ``threshold``
+            and ``initial_membrane · threshold`` and are set by calibration (:mod:`bispikclm.distill.calibrate`),
+            not by the optimizer. Without ``channels`` (the attention map) they are single numbers.
+        relative_surrogate: the surrogate is taken of ``(U - θ) / θ`` and divided by ``θ``, so that its width
+            follows the threshold (``sg'_α((U - θ)/θ) / θ = sg'_{α/θ}(U - θ)`` for all three surrogates); with a
+            fixed threshold of 1, as by default, it changes nothing.
 
     The membrane always runs in float32 (at least): under a bf16/fp16 autocast the current is cast up first, since
     half-precision membranes lose small steps and the spikes would depend on the precision. Spikes (0 or 1, exact in
@@ -312,7 +319,8 @@ class LIFNeuron(nn.Module):
     def __init__(self, beta: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan",
                  alpha: float | None = None, detach_reset: bool = False, backend: str = "lean",
                  learn_threshold: str = "none", learn_beta: str = "none", channels: int | None = None,
-                 initial_membrane: float = 0.0, fire: str = "step") -> None:
+                 initial_membrane: float = 0.0, fire: str = "step", per_channel: bool = False,
+                 relative_surrogate: bool = False) -> None:
         super().__init__()
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got {beta}")
@@ -331,6 +339,8 @@ class LIFNeuron(nn.Module):
             raise ValueError(f"initial_membrane must be in [0, 1] (a fraction of the threshold), got {initial_membrane}")
         if fire not in FIRE_MODES:
             raise ValueError(f"fire must be one of {FIRE_MODES}, got {fire!r}")
+        if per_channel and learn_threshold != "none":
+            raise ValueError("per_channel thresholds are calibrated, not learned: use learn_threshold='none' with them")
         self.beta, self.threshold, self.surrogate = float(beta), float(threshold), surrogate
         self.alpha = float(DEFAULT_ALPHA[surrogate] if alpha is None else alpha)
         self.detach_reset, self.backend = detach_reset, backend
@@ -340,19 +350,32 @@ class LIFNeuron(nn.Module):
         self.threshold_param = (nn.Parameter(torch.full(shape[learn_threshold], float(threshold)))
                                 if learn_threshold != "none" else None)
         self.beta_param = nn.Parameter(torch.tensor(float(beta))) if learn_beta != "none" else None
+        self.per_channel, self.relative_surrogate = bool(per_channel), bool(relative_surrogate)
+        if self.per_channel:
+            size = (channels,) if channels else ()
+            self.register_buffer("channel_threshold", torch.full(size, float(threshold)))
+            self.register_buffer("channel_initial", torch.full(size, float(initial_membrane) * float(threshold)))
 
     def parameters_now(self) -> tuple:
         """``(beta, threshold)`` as used in the forward pass: floats, or the learned tensors within their bounds."""
         beta = self.beta if self.beta_param is None else self.beta_param.clamp(0.01, 0.99)
+        if self.per_channel:
+            return beta, self.channel_threshold
         threshold = self.threshold if self.threshold_param is None else self.threshold_param.clamp_min(0.01)
         return beta, threshold
 
     def initial_now(self, threshold=None):
         """The membrane before the first step, ``initial_membrane · threshold`` (a float, or a tensor that follows
-        a learned threshold)."""
+        a learned threshold); with ``per_channel``, the buffer ``channel_initial``."""
+        if self.per_channel:
+            return self.channel_initial
         if threshold is None:
             threshold = self.parameters_now()[1]
         return self.initial_membrane * threshold if self.initial_membrane else 0.0
+
+    def alpha_now(self, threshold):
+        """The surrogate's sharpness: ``alpha``, or ``alpha / threshold`` with ``relative_surrogate``."""
+        return self.alpha / threshold if self.relative_surrogate else self.alpha
 
     def forward(self, current: torch.Tensor, valid: torch.Tensor | None = None,
                 input_scale: float | None = None) -> torch.Tensor:
@@ -366,7 +389,8 @@ class LIFNeuron(nn.Module):
         if dtype in (torch.float16, torch.bfloat16):
             current = current.float()
         beta, threshold = self.parameters_now()
-        args = (beta, threshold, self.surrogate, self.alpha, self.detach_reset, self.initial_now(threshold))
+        alpha = self.alpha_now(threshold) if torch.is_grad_enabled() else self.alpha     # used by backward only
+        args = (beta, threshold, self.surrogate, alpha, self.detach_reset, self.initial_now(threshold))
         if self.fire == "count":
             spikes = COUNT_BACKENDS[self.backend](current if input_scale is None else current * input_scale, *args)
         elif input_scale is None:
@@ -384,7 +408,9 @@ class LIFNeuron(nn.Module):
     def extra_repr(self) -> str:
         learned = (f", learn_threshold={self.learn_threshold}, learn_beta={self.learn_beta}" if self.learned else "")
         options = (f", initial_membrane={self.initial_membrane}" if self.initial_membrane else "") + (
-            f", fire={self.fire}" if self.fire != "step" else "")
+            f", fire={self.fire}" if self.fire != "step" else "") + (
+            ", per_channel=True" if self.per_channel else "") + (
+            ", relative_surrogate=True" if self.relative_surrogate else "")
         return (f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}, alpha={self.alpha}, "
                 f"detach_reset={self.detach_reset}, backend={self.backend}" + learned + options)
 

@@ -49,6 +49,9 @@ def make_model(**overrides) -> BiSpikCLMForCausalLM:
                 neuron.threshold_param.mul_(torch.empty_like(neuron.threshold_param).uniform_(0.8, 1.2))
             if neuron.beta_param is not None:
                 neuron.beta_param.fill_(0.6)
+            if neuron.per_channel and neuron.channel_threshold.dim():     # calibrated-style per-channel buffers
+                neuron.channel_threshold.uniform_(0.6, 1.4)
+                neuron.channel_initial.copy_(neuron.channel_threshold * torch.rand_like(neuron.channel_threshold))
     return model
 
 
@@ -67,7 +70,8 @@ def rotary_teacher_student(**overrides) -> BiSpikCLMForCausalLM:
     (2, {}), (4, {}), (2, dict(hidden_size=96, num_attention_heads=2)), (2, dict(spiking_head=True)),
     (2, LLAMA), (4, dict(LLAMA, ffn_gate="and")), (2, dict(LLAMA, spiking_head=True, **LEARNED)),
     (2, "rotary teacher"), (2, dict(beta=1.0, initial_membrane=0.5)),
-    (4, dict(LLAMA, fire="count", initial_membrane=0.5, **LEARNED))])
+    (4, dict(LLAMA, fire="count", initial_membrane=0.5, **LEARNED)),
+    (2, dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True, relative_surrogate=True))])
 @pytest.mark.parametrize("int8", [False, True])
 def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_steps, overrides, int8):
     if overrides == "rotary teacher":

@@ -17,12 +17,21 @@ SHAPES = {"opt": {}, "llama-select": dict(num_key_value_heads=2, ffn_type="gated
           # integrate-and-fire neurons whose membrane starts at half the threshold (they round: QCFS), and neurons
           # that integrate a token's T steps before they fire (fire="count"), with learned per-channel thresholds
           "opt-if-half": dict(beta=1.0, initial_membrane=0.5),
-          "opt-count": dict(fire="count", initial_membrane=0.5, learn_threshold="channel")}
+          "opt-count": dict(fire="count", initial_membrane=0.5, learn_threshold="channel"),
+          # per-channel thresholds and initial membranes (the buffers calibration sets), set at random here
+          "opt-calibrated": dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True,
+                                 relative_surrogate=True)}
 
 
 def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:
     torch.manual_seed(0)
-    return BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **SHAPES[shape], **overrides})).eval()
+    model = BiSpikCLMForCausalLM(BiSpikCLMConfig(**{**SMALL, **SHAPES[shape], **overrides})).eval()
+    with torch.no_grad():
+        for neuron in model.neurons().values():
+            if neuron.per_channel and neuron.channel_threshold.dim():
+                neuron.channel_threshold.uniform_(0.6, 1.4)
+                neuron.channel_initial.copy_(neuron.channel_threshold * torch.rand_like(neuron.channel_threshold))
+    return model
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -60,7 +69,7 @@ def test_no_softmax_exp_or_division_in_the_blocks_and_multiplications_are_listed
     if shape == "opt-learned":   # learned leak (0-d) times the membrane; learned threshold per channel times spikes
         allowed |= {("scalar", kind) for kind in ("float", "binary", "count")} | {(k, "binary") for k in
                                                                                   ("float", "binary")}
-    if shape == "opt-count":     # the firing levels (t + 1) * threshold: a constant of the neuron
+    if shape in ("opt-count", "opt-calibrated"):   # the firing levels (t + 1) * threshold: constants of the neuron
         allowed |= {("scalar", "scalar")}
     assert kinds <= allowed | ({("binary", "binary")} if shape == "llama-and" else set()), kinds
     selects = [r for r in muls if r.kinds == ("binary", "float")]

@@ -4,6 +4,9 @@ initialization, METHOD §5).
 * ``"embeddings"``: token embedding (hence the tied head), learned positions and the final LayerNorm. A narrower
   student gets the teacher's token (and position) embedding projected onto its ``hidden_size`` leading principal
   directions, which keeps as much of the teacher's embedding geometry as that width can hold.
+* ``"calibrated"``: thresholds and block linears fitted to the teacher's activations on calibration sequences
+  (:mod:`bispikclm.distill.calibrate`; OPT-family teachers, ``per_channel_neurons``). An ANN student takes
+  ``"all"``.
 * ``"all"``: also every linear layer of the blocks when the widths agree (student layer ``i`` of ``Ls`` takes
   teacher layer ``round((i + 1) · Lt / Ls) - 1``). A spiking layer receives 0/1 spikes instead of normalized
   real activations, so each copied matrix keeps the teacher's pattern but is rescaled to the standard deviation of
@@ -24,8 +27,10 @@ import torch
 from torch import nn
 
 from ..modeling import BiSpikCLMForCausalLM
+from .calibrate import calibrate
+from .losses import layer_map
 
-INIT_MODES = ("random", "embeddings", "all")
+INIT_MODES = ("random", "embeddings", "all", "calibrated")
 
 #: Student linear layer (inside a block) -> its counterpart in a teacher block, by family.
 BLOCK_LINEARS = {
@@ -36,6 +41,13 @@ BLOCK_LINEARS = {
               "self_attn.v_proj": "self_attn.v_proj", "self_attn.out_proj": "self_attn.o_proj",
               "ffn.gate_proj": "mlp.gate_proj", "ffn.up_proj": "mlp.up_proj", "ffn.down_proj": "mlp.down_proj"},
 }
+
+
+def teacher_layer_of(layer: int, student_layers: int, teacher_layers: int) -> int:
+    """The teacher block that student block ``layer`` of ``student_layers`` is initialized (and calibrated) from:
+    ``round((layer + 1) · teacher_layers / student_layers) - 1`` (the last student block takes the last teacher
+    block)."""
+    return layer_map(student_layers, teacher_layers)[layer] - 1
 
 
 def _teacher_parts(teacher: nn.Module) -> dict:
@@ -70,16 +82,20 @@ def _principal_directions(table: torch.Tensor, width: int, std: float) -> torch.
 
 
 @torch.no_grad()
-def init_from_teacher(student: nn.Module, teacher: nn.Module, mode: str = "all") -> list[str]:
+def init_from_teacher(student: nn.Module, teacher: nn.Module, mode: str = "all",
+                      calibration: torch.Tensor | None = None) -> list[str]:
     """Copy ``teacher``'s weights into ``student`` (a :class:`BiSpikCLMForCausalLM` or an ANN student) as
-    described in the module docstring; returns the student parameters that were set. ``mode``: ``"embeddings"``
-    or ``"all"`` (``"random"`` does nothing)."""
+    described in the module docstring; returns the student parameters that were set. ``mode``: ``"embeddings"``,
+    ``"all"`` or ``"calibrated"`` (which needs ``calibration``, token ids ``[S, N]``); ``"random"`` does
+    nothing."""
     if mode not in INIT_MODES:
         raise ValueError(f"init mode must be one of {INIT_MODES}, got {mode!r}")
     if mode == "random":
         return []
     if not isinstance(student, BiSpikCLMForCausalLM):
-        return _init_ann(student, teacher, mode)
+        return _init_ann(student, teacher, "all" if mode == "calibrated" else mode)
+    if mode == "calibrated" and calibration is None:
+        raise ValueError("init 'calibrated' needs calibration sequences")
     parts, cfg = _teacher_parts(teacher), student.config
     tok_t = teacher.get_input_embeddings().weight
     if tok_t.shape[0] != cfg.vocab_size:
@@ -111,6 +127,9 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, mode: str = "all")
         done.append("lm_head.weight")
     if mode == "all" and same_width and parts["blocks"] is not None:
         done += _copy_blocks(student, parts["blocks"], BLOCK_LINEARS[parts["family"]])
+    if mode == "calibrated":
+        calibrate(student, teacher, calibration)
+        done = [name for name, _ in student.named_parameters()]
     return done
 
 
@@ -118,7 +137,7 @@ def _copy_blocks(student: BiSpikCLMForCausalLM, teacher_blocks: nn.ModuleList, n
     """Rescaled copies of the teacher's block linears (matching shapes only); returns the parameters set."""
     done, ls, lt = [], len(student.model.layers), len(teacher_blocks)
     for i, block in enumerate(student.model.layers):
-        source = dict(teacher_blocks[round((i + 1) * lt / ls) - 1].named_modules())
+        source = dict(teacher_blocks[teacher_layer_of(i, ls, lt)].named_modules())
         for name, module in block.named_modules():
             if name not in names or names[name] not in source:
                 continue
