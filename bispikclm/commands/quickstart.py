@@ -25,7 +25,7 @@ import torch
 from ..ann import same_shape_ann
 from ..configuration import BiSpikCLMConfig
 from ..data import SPECIAL_TOKENS, default_data_dir, encode, load_texts, pack, train_tokenizer, unigram_log_probs
-from ..distill.init import INIT_MODES, init_from_teacher
+from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
 from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
 from ..energy import format_cost_table, honest_cost, text_token_ids
 from ..errors import UserError
@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
 
     student_section = dict(recipe["student"])
     init = student_section.pop("init", "random")      # both students start from the same teacher weights
-    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section)
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section_for(student_section, init))
+    calibration = calibration_sequences(train_seqs, seed=student_cfg.seed)
     students = {"student": None} if args.no_ann_student else {"ann_student": None, "student": None}
     runs = {}
     for name in students:   # the same seed, data order, losses and tokens for both students
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(student_cfg.seed)
         model = (BiSpikCLMForCausalLM(config) if name == "student"
                  else same_shape_ann(config, attn_implementation="eager"))
-        init_from_teacher(model, teacher, init)
+        init_from_teacher(model, teacher, init, calibration=calibration)
         runs[name] = Trainer(model, student_cfg, train_seqs, val_seqs, out / name, teacher=teacher,
                              progress=progress, tokenizer=tokenizer).fit()
         students[name] = model

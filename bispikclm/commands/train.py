@@ -21,7 +21,7 @@ from ..checkpoints import load_tokenizer
 from ..configuration import BiSpikCLMConfig, has_rotary_positions
 from ..data import data_meta, data_source, training_data
 from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
-from ..distill.init import INIT_MODES, init_from_teacher
+from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"student.init must be one of {INIT_MODES}, got {init!r}")
     if "max_position_embeddings" not in student_section and has_rotary_positions(teacher.config):
         student_section["max_position_embeddings"] = config.seq_len    # a learned table sized to the context
-    student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section)
+    student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section_for(student_section, init))
     if config.seq_len > student_config.max_position_embeddings:
         raise UserError(f"sequence length {config.seq_len} is beyond the student's "
                         f"{student_config.max_position_embeddings} positions")
@@ -128,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
     student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
                else same_shape_ann(student_config, attn_implementation="eager"))
     if init != "random":
-        init_from_teacher(student, teacher, init)
+        try:
+            calibration = calibration_sequences(train_seqs, seed=config.seed)
+            init_from_teacher(student, teacher, init, calibration=calibration)
+        except ValueError as err:        # a teacher or student that this init cannot serve
+            raise UserError(f"student.init {init}: {err}") from None
     cache = None
     if recipe.get("teacher_cache") is not None:
         cache = build_teacher_cache(recipe["teacher_cache"], teacher, student, config, train_seqs, args.out,

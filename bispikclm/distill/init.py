@@ -50,6 +50,17 @@ def teacher_layer_of(layer: int, student_layers: int, teacher_layers: int) -> in
     return layer_map(student_layers, teacher_layers)[layer] - 1
 
 
+def calibration_sequences(sequences: torch.Tensor, count: int = 64, seed: int = 0) -> torch.Tensor:
+    """``count`` training sequences drawn at random (with ``seed``) for ``init: calibrated``."""
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed))
+    return sequences[order[:count]]
+
+
+def student_section_for(section: dict, init: str) -> dict:
+    """A recipe's ``student`` section as ``init`` needs it: ``calibrated`` sets per-channel neurons."""
+    return {"per_channel_neurons": True, **section} if init == "calibrated" else section
+
+
 def _teacher_parts(teacher: nn.Module) -> dict:
     """Positions (table, offset), final norm and list of blocks of an OPT, Llama-family or GPT-2 teacher."""
     modules = dict(teacher.named_modules())
