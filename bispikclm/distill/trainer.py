@@ -86,7 +86,17 @@ class TrainConfig:
         if values.get("teacher_dtype", "float32") not in TEACHER_DTYPES:
             raise UserError(f"train.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got "
                             f"{values['teacher_dtype']!r}")
-        return cls(**values)
+        config = cls(**values)
+        if config.fsdp or config.fsdp_offload:    # before anything loads
+            check_fsdp(config, config.resolved_mixed_precision)
+        return config
+
+    @property
+    def resolved_mixed_precision(self) -> str:
+        """``mixed_precision`` with "auto" resolved: bf16 on GPU, no on CPU."""
+        if self.mixed_precision == "auto":
+            return "bf16" if torch.cuda.is_available() else "no"
+        return self.mixed_precision
 
     @property
     def steps(self) -> int:
@@ -109,12 +119,12 @@ def check_fsdp(config: TrainConfig, mixed: str) -> None:
     without fp16 (bf16 parameters or none), CPU offload only on GPUs."""
     import os
 
+    if config.fsdp_offload and not torch.cuda.is_available():
+        raise UserError("train.fsdp_offload keeps GPU shards in CPU memory and needs GPUs")
     if "WORLD_SIZE" not in os.environ:
         raise UserError("train.fsdp needs torch.distributed: launch with torchrun --nproc_per_node N (1 is allowed)")
     if mixed not in ("no", "bf16"):
         raise UserError(f"train.fsdp supports mixed_precision no or bf16, got {mixed!r}")
-    if config.fsdp_offload and not torch.cuda.is_available():
-        raise UserError("train.fsdp_offload keeps GPU shards in CPU memory and needs GPUs")
     if config.fsdp_offload and not config.fsdp:
         raise UserError("train.fsdp_offload needs train.fsdp: true")
 
