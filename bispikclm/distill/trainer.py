@@ -70,6 +70,8 @@ class TrainConfig:
     spike_cost: float = 0.0                 # weight of losses.SpikeCostLoss (fewer spikes where they cost most)
     teacher_dtype: str = "float32"          # dtype the teacher is loaded and run in, see TEACHER_DTYPES
     gradient_checkpointing: bool = False    # recompute each block in backward instead of keeping its activations
+    fsdp: bool = False                      # shard each block and the model over the processes (FSDP2)
+    fsdp_offload: bool = False              # with fsdp: keep the shards and their optimizer state in CPU memory
 
     # settings that may change between a run and its resumption
     OPERATIONAL = ("log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_bad_steps",
@@ -84,7 +86,17 @@ class TrainConfig:
         if values.get("teacher_dtype", "float32") not in TEACHER_DTYPES:
             raise UserError(f"train.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got "
                             f"{values['teacher_dtype']!r}")
-        return cls(**values)
+        config = cls(**values)
+        if config.fsdp or config.fsdp_offload:    # before anything loads
+            check_fsdp(config, config.resolved_mixed_precision)
+        return config
+
+    @property
+    def resolved_mixed_precision(self) -> str:
+        """``mixed_precision`` with "auto" resolved: bf16 on GPU, no on CPU."""
+        if self.mixed_precision == "auto":
+            return "bf16" if torch.cuda.is_available() else "no"
+        return self.mixed_precision
 
     @property
     def steps(self) -> int:
@@ -95,6 +107,50 @@ def grad_norm_fp32(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
     """Global L2 norm of the gradients, accumulated in float32 (half-precision norms overflow)."""
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def tied_weights(model) -> dict[str, str]:
+    """The weights ``model`` ties to another (name: the one it is tied to), saved once."""
+    return dict(model._tied_weights_keys) if model.config.tie_word_embeddings else {}
+
+
+def check_fsdp(config: TrainConfig, mixed: str) -> None:
+    """UserError unless sharded training (``train.fsdp``) can run as asked: under torchrun (torch.distributed),
+    without fp16 (bf16 parameters or none), CPU offload only on GPUs."""
+    import os
+
+    if config.fsdp_offload and not torch.cuda.is_available():
+        raise UserError("train.fsdp_offload keeps GPU shards in CPU memory and needs GPUs")
+    if "WORLD_SIZE" not in os.environ:
+        raise UserError("train.fsdp needs torch.distributed: launch with torchrun --nproc_per_node N (1 is allowed)")
+    if mixed not in ("no", "bf16"):
+        raise UserError(f"train.fsdp supports mixed_precision no or bf16, got {mixed!r}")
+    if config.fsdp_offload and not config.fsdp:
+        raise UserError("train.fsdp_offload needs train.fsdp: true")
+
+
+def shard(model, device: torch.device, mixed: str, offload: bool):
+    """``model`` sharded with FSDP2 over every process: each ``BiSpikCLMBlock`` (or transformer layer) and then
+    the model, bf16 parameters with float32 gradient reduction under ``mixed`` bf16, shards in CPU memory under
+    ``offload``."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():      # one process under torchrun: accelerate leaves the process group to us
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    options = {}
+    if mixed == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    else:
+        model.to(device)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):    # the blocks (BiSpikCLMBlock, teacher-shaped layers)
+            fully_shard(module, **options)
+    return fully_shard(model, **options)
 
 
 def _clean_name(name: str) -> str:
@@ -170,8 +226,12 @@ class Trainer:
         mixed = config.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        # cpu=True lets accelerate see torchrun's processes on machines without GPUs (gloo backend)
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        if config.fsdp or config.fsdp_offload:
+            check_fsdp(config, mixed)
+        # cpu=True lets accelerate see torchrun's processes on machines without GPUs (gloo backend); under fsdp the
+        # parameters carry their own precision (shard), so accelerate adds no autocast
+        self.accelerator = Accelerator(mixed_precision="no" if config.fsdp else mixed,
+                                       cpu=not torch.cuda.is_available())
         acc = self.accelerator
         world = acc.num_processes
         micro = config.micro_batch_size or config.batch_size // world
@@ -204,16 +264,23 @@ class Trainer:
         torch.manual_seed(config.seed)
         if config.gradient_checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
-        # the optimizer sees the parameters of the prepared model (FSDP replaces them when it wraps the model)
-        self.model = acc.prepare(model)
+        self.fsdp = config.fsdp
+        if self.fsdp:      # FSDP2 itself, not accelerate's plugin (which runs plain data parallelism on CPU)
+            self.model = shard(model, acc.device, mixed, config.fsdp_offload)
+            groups = decay_groups(model, self.model, self.spad, config.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+        else:
+            # the optimizer sees the parameters of the prepared model (FSDP replaces them when it wraps the model)
+            self.model = acc.prepare(model)
+            groups = decay_groups(model, self.model, self.spad, config.weight_decay)
+            self.optimizer = acc.prepare(torch.optim.AdamW(groups, lr=config.lr, betas=config.betas))
         self.spad.to(acc.device)
-        groups = decay_groups(model, self.model, self.spad, config.weight_decay)
-        self.optimizer = acc.prepare(torch.optim.AdamW(groups, lr=config.lr, betas=config.betas))
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
         for name, default in (("spike_cost", 0.0), ("rate_targets", "paper"), ("teacher_dtype", "float32"),
-                              ("early_stopping", 0), ("min_tokens", 0)):
+                              ("early_stopping", 0), ("min_tokens", 0), ("fsdp", False),
+                              ("fsdp_offload", False)):
             if run[name] == default:    # checkpoints written before the setting existed still resume
                 del run[name]
         self.fingerprint = {"train": run, "model": model.config.to_diff_dict(), **(fingerprint or {})}
@@ -271,7 +338,11 @@ class Trainer:
         requires), and the replicated projectors' norm is added to it."""
         acc, clip = self.accelerator, self.config.clip
         model_params = list(self.model.parameters())
-        norm = acc.clip_grad_norm_(model_params, float("inf")).float()
+        if self.fsdp:    # each process holds a shard of every gradient: the norm of the full ones
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model_params if p.grad is not None]).full_tensor()
+            norm = norm.float()
+        else:
+            norm = acc.clip_grad_norm_(model_params, float("inf")).float()
         extra = [p for p in self.spad.parameters() if p.grad is not None]
         if extra:
             norm = torch.linalg.vector_norm(torch.stack([norm.to(acc.device), grad_norm_fp32(extra).to(acc.device)]))
@@ -287,7 +358,8 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         rates: dict[str, float] = {}
         for m in range(self.accum):
-            sync = contextlib.nullcontext() if m == self.accum - 1 else acc.no_sync(self.model)
+            last = m == self.accum - 1 or self.fsdp     # FSDP2 reduce-scatters the gradients of every micro-step
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             with sync:
                 idx = self.micro_indices(self.step, m)
                 input_ids = torch.as_tensor(self.train_data[idx]).to(acc.device)
@@ -352,17 +424,37 @@ class Trainer:
             return False
         if val_loss < self.best_val:
             self.best_val, self.best_step, self.evals_since_best = val_loss, self.step, 0
-            runfolder.on_main_process(self._write_best)
+            weights = self.full_weights()
+            runfolder.on_main_process(lambda: self._write_best(weights))
             return False
         self.evals_since_best += 1
         tokens = self.step * cfg.batch_size * cfg.seq_len
         return self.evals_since_best >= cfg.early_stopping and tokens >= cfg.min_tokens
 
-    def _write_best(self) -> None:
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """Every process calls it: under fsdp, the full (gathered) weights on the main process, in CPU memory;
+        ``None`` without fsdp (the model holds them whole)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _save_weights(self, weights: dict[str, torch.Tensor] | None, path: Path) -> None:
+        """The model's weights as one safetensors file (tied weights once), from ``full_weights`` under fsdp."""
+        model = self.accelerator.unwrap_model(self.model)
+        if weights is None:
+            save_model(model, str(path))
+            return
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in weights.items() if k not in tied_weights(model)}, str(path), metadata={"format": "pt"})
+
+    def _write_best(self, weights: dict[str, torch.Tensor] | None) -> None:
         folder = self.best_path.parent
         with runfolder.committing(folder, f"the best weights {folder}",
                                   f"; the earlier best weights in {self.best_dir} are kept") as tmp:
-            save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
+            self._save_weights(weights, tmp / "model.safetensors")
         self._prune_best()
 
     def _prune_best(self) -> None:
@@ -391,16 +483,25 @@ class Trainer:
         oldest beyond ``keep_checkpoints`` are removed. A failed write is a one-line error on every process, the
         earlier checkpoints kept."""
         self.accelerator.wait_for_everyone()
-        runfolder.on_main_process(self._write_checkpoint)
+        weights, optimizer = self.full_weights(), self.optimizer_state()
+        runfolder.on_main_process(lambda: self._write_checkpoint(weights, optimizer))
         self._saved_step = self.step
 
-    def _write_checkpoint(self) -> None:
-        acc = self.accelerator
+    def optimizer_state(self) -> dict:
+        """Every process calls it: the optimizer's state, under fsdp gathered whole (keyed by parameter name)."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _write_checkpoint(self, weights: dict[str, torch.Tensor] | None, optimizer: dict) -> None:
         final = self.checkpoint_dir / f"step-{self.step:08d}"
         kept = f"; the earlier checkpoints in {self.checkpoint_dir} are kept"
         with runfolder.committing(final, f"checkpoint {final}", kept) as tmp:
-            save_model(acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
-            runfolder.save_state({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            self._save_weights(weights, tmp / "model.safetensors")
+            runfolder.save_state({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                                   "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
                                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                                  tmp / "state.safetensors")
@@ -463,6 +564,16 @@ class Trainer:
         return folder.name
 
     def _load_weights(self, path: Path) -> None:
+        if self.fsdp:      # every process reads the full weights and keeps its shards
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            weights = load_file(str(path))
+            model = self.accelerator.unwrap_model(self.model)
+            for name, source in tied_weights(model).items():
+                weights[name] = weights[source]
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            return
         device = self.accelerator.device      # "cpu:0" under several CPU processes, a name safetensors refuses
         load_model(self.accelerator.unwrap_model(self.model), str(path),
                    device="cpu" if device.type == "cpu" else str(device))
@@ -479,7 +590,13 @@ class Trainer:
         try:
             extra = runfolder.load_state(folder / "state.safetensors")
             self._load_weights(folder / "model.safetensors")
-            self.optimizer.load_state_dict(extra["optimizer"])
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.model, self.optimizer, extra["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(extra["optimizer"])
             self.scheduler.load_state_dict(extra["scheduler"])
             self.spad.load_state_dict(extra["spad"])
             torch.set_rng_state(extra["rng"])
@@ -496,12 +613,13 @@ class Trainer:
         self._saved_step = self.step
         return True
 
-    def _write_model(self) -> None:
-        """The final model (and tokenizer) as ``model/``, a verified folder written atomically."""
+    def _write_model(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """The final model (and tokenizer) as ``model/``, a verified folder written atomically; under fsdp from the
+        gathered weights, an ordinary folder that loads on one process."""
         folder = self.out_dir / "model"
         with runfolder.committing(folder, f"the final model {folder}",
                                   f"; the checkpoints in {self.checkpoint_dir} are kept") as tmp:
-            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp))
+            self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=weights)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
 
@@ -608,7 +726,8 @@ class Trainer:
                                 f"checkpoints in {self.checkpoint_dir} are intact")
             self._load_weights(self.best_path)
             last_eval = {**last_eval, "val_loss": self.best_val, "val_ppl": math.exp(min(self.best_val, 50.0))}
-        runfolder.on_main_process(self._write_model)
+        weights = self.full_weights()
+        runfolder.on_main_process(lambda: self._write_model(weights))
         if self.writer is not None:
             with runfolder.writing(f"the TensorBoard log in {self.out_dir}"):
                 self.writer.close()
