@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["paper"], choices=list(VARIANTS))
     parser.add_argument("--eval-windows", type=int, help="test windows to score (default: the whole test set)")
+    parser.add_argument("--step0-only", action="store_true", help="score each student before training, no training")
     parser.add_argument("--calibration", type=int, default=64, help="training sequences for init: calibrated")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override applied to every variant")
@@ -183,7 +184,14 @@ def main() -> None:
             torch.manual_seed(seed)
             calibration = train_seqs[torch.randperm(len(train_seqs))[:args.calibration]]
             student = build_student(teacher, recipe, calibration)
-            step0 = perplexity(student.eval(), test, context, batch_size=16, progress=False).perplexity
+            scored0 = perplexity(student.eval(), test, context, batch_size=16, progress=False)
+            step0 = scored0.perplexity
+            if args.step0_only:
+                row = {"variant": name, "seed": seed, "step0_ppl": step0, "test_ppl": step0,
+                       "firing_rate": scored0.firing_rate, "train_wall_s": 0.0}
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+                continue
             folder = Path(args.out) / f"{name}-seed{seed}"
             shutil.rmtree(folder, ignore_errors=True)
             wall = time.perf_counter()
