@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging
 
 from .errors import UserError
 
@@ -158,7 +160,6 @@ def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
     """The causal LM ``spec`` names, in ``dtype`` (float32 by default), in eval mode. ``kwargs`` go to
     ``from_pretrained`` (``attn_implementation``, config overrides). A safetensors checkpoint must hold every weight
     of the model in its shape, finite (a truncated, garbled or foreign file is a one-line error, not random weights)."""
-    from .validation import check_finite_weights, load_pretrained
 
     source = resolve(spec)
     try:
@@ -166,7 +167,7 @@ def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, 
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32, **source.kwargs,
                                                          **kwargs)
         else:
-            model = load_pretrained(AutoModelForCausalLM.from_pretrained, source.path, weights=True,
+            model = load_checked(AutoModelForCausalLM.from_pretrained, source.path, weights=True,
                                     dtype=dtype or torch.float32, **kwargs)
     except LOAD_ERRORS as err:
         raise UserError(f"cannot load model {str(spec)!r}: {_reason(err)}") from None
@@ -185,6 +186,50 @@ def load_tokenizer(spec: str | os.PathLike):
         raise UserError(f"{str(spec)!r} has no usable tokenizer (it encodes text to nothing); save the tokenizer "
                         f"beside the model")
     return tokenizer
+
+
+def load_checked(load, path: str | Path, weights: bool = False, **kwargs):
+    """``load(path, **kwargs)`` (a ``from_pretrained``), with a damaged or mismatched checkpoint (truncated or
+    corrupt safetensors, a bad config.json) turned into a UserError naming ``path``. ``weights``: ``load``
+    builds a model, which must find every one of its weights in the checkpoint, each of its shape (transformers
+    would start missing ones from random values)."""
+    verbosity = logging.get_verbosity()
+    try:
+        if weights:   # missing and mismatched weights are reported below, in one line, instead of a table
+            logging.set_verbosity_error()
+            kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
+        loaded = load(str(path), **kwargs)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, EOFError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    if not weights:
+        return loaded
+    model, info = loaded
+    for key, what in (("missing_keys", "lacks weights"), ("mismatched_keys", "has weights of another shape")):
+        if info.get(key):
+            names = sorted(str(k if isinstance(k, str) else k[0]) for k in info[key])
+            raise UserError(f"checkpoint {path} {what} ({len(names)}: {', '.join(names[:3])}...); it is corrupt "
+                            f"or of another model")
+    return model
+
+
+def check_finite_weights(model, path: str | Path) -> None:
+    """UserError when a loaded model holds NaN or infinite weights (a corrupt or diverged checkpoint)."""
+    bad = next((name for name, p in model.state_dict().items()
+                if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds NaN or infinite weights ({bad}); it is corrupt or diverged")
+
+
+def check_tokenizer_fits(model, tokenizer, path: str | Path) -> None:
+    """UserError when ``tokenizer`` gives ids beyond the rows of the model's embedding (a tokenizer of another
+    model)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"vocabulary mismatch in {path}: the tokenizer has {len(tokenizer)} tokens, the model's "
+                        f"embedding {rows}; use the tokenizer the model was trained with")
 
 
 def check_vocabulary(model: PreTrainedModel, tokenizer_size: int, name: str = "model") -> None:

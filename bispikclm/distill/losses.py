@@ -35,7 +35,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..configuration import BiSpikCLMConfig
+from ..cost_tables import EnergyTable
 from ..neurons import lif_lean
+from ..spike_ops import SpikeLinear
 from .teacher import TeacherOutput
 
 TERMS = ("emb", "attn", "feat", "soft", "hard")
@@ -330,9 +332,6 @@ class SpikeCostLoss:
     Forward hooks on the linear layers collect the sums while :meth:`recording` is active."""
 
     def __init__(self, model, ac_over_mac: float | None = None) -> None:
-        from ..energy import EnergyTable
-        from ..spike_ops import SpikeLinear
-
         if ac_over_mac is None:   # the energy report's default table (45 nm)
             ac_over_mac = EnergyTable().ac_pj / EnergyTable().mac_pj
         self.ac_over_mac, self._sums = ac_over_mac, None

@@ -26,8 +26,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .. import runfolder
 from ..errors import UserError
-from ..validation import check_train_settings
-from .losses import SpADLoss, SpikeCostLoss
+from ..validation import check_types, need
+from .losses import DEFAULT_WEIGHTS, RATE_TARGETS, SpADLoss, SpikeCostLoss
 from .teacher import teacher_forward
 
 
@@ -37,6 +37,34 @@ class TrainingDiverged(UserError):
 
 #: ``train.teacher_dtype`` -> the dtype the teacher is loaded in (float32 by default, whatever the checkpoint says)
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_train_settings(values: dict, annotations: dict[str, str], where: str = "train") -> None:
+    """UserError unless ``values`` (a recipe's ``train`` section, see :class:`bispikclm.distill.TrainConfig`
+    and its ``annotations``) has known keys, values of the declared types, and values in range."""
+    check_types(where, values, annotations)
+    at_least = {"tokens": 1, "seq_len": 1, "batch_size": 1, "micro_batch_size": 1, "vocab_chunk_size": 1,
+                "log_every": 1, "keep_checkpoints": 1, "max_bad_steps": 1, "eval_every": 0, "eval_batches": 0,
+                "save_every": 0, "weight_decay": 0, "clip": 0, "spike_cost": 0}
+    for key, low in at_least.items():
+        if values.get(key) is not None:
+            need(values[key] >= low, f"{where}.{key}", f"must be >= {low}", values[key])
+    for key in ("lr", "tau"):
+        if key in values:
+            need(values[key] > 0, f"{where}.{key}", "must be > 0", values[key])
+    if "warmup_ratio" in values:
+        need(0 <= values["warmup_ratio"] <= 1, f"{where}.warmup_ratio", "must be in [0, 1]", values["warmup_ratio"])
+    if "betas" in values:
+        need(all(0 <= b < 1 for b in values["betas"]), f"{where}.betas", "must be two numbers in [0, 1)",
+             values["betas"])
+    choices = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "rate_targets": RATE_TARGETS}
+    for key, known in choices.items():
+        if key in values:
+            need(values[key] in known, f"{where}.{key}", f"must be one of {known}", values[key])
+    weights = values.get("weights", {})
+    check_types(f"{where}.weights", weights, {name: "float" for name in DEFAULT_WEIGHTS})
+    need(all(w >= 0 for w in weights.values()) and any(w > 0 for w in {**DEFAULT_WEIGHTS, **weights}.values()),
+         f"{where}.weights", "must be >= 0 with at least one > 0", weights)
 
 
 @dataclass

@@ -11,15 +11,13 @@ tags ``bispikclm_paper`` (the paper's eight) and ``bispikclm_extra``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .models import load_config
-
-TASKS_DIR = Path(__file__).parent / "tasks"
+from .parity import harness_folder
+from .tasks import TASKS_DIR
 
 
 @register_model("bispikclm")
@@ -28,8 +26,6 @@ class BiSpikCLMHarnessLM(HFLM):
     be a ``.gguf`` file or a short name such as ``smollm2-135m`` (:func:`bispikclm.checkpoints.resolve`)."""
 
     def __init__(self, pretrained: str, **kwargs) -> None:
-        from .parity import harness_folder    # parity imports this module
-
         load_config(pretrained)
         pretrained = harness_folder(pretrained)   # a GGUF model (or short name) becomes its saved folder
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")

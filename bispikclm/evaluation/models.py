@@ -8,10 +8,9 @@ import copy
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoints import load_causal_lm, load_config, load_tokenizer
+from ..checkpoints import check_tokenizer_fits, load_causal_lm, load_config, load_tokenizer
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
-from ..validation import check_vocabulary
 
 # Fields of BiSpikCLMConfig that can change at inference without retraining.
 SPIKING_OVERRIDES = ("threshold", "time_steps", "attn_threshold", "attn_chunk_size")
@@ -41,7 +40,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         checked._validate()
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path, dtype=dtype, **overrides).to(device)   # damaged checkpoints: one-line errors
-    check_vocabulary(model, tokenizer, path)
+    check_tokenizer_fits(model, tokenizer, path)
     return model, tokenizer
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load_causal_lm, load_tokenizer, resolve
-from .lm_eval_adapter import TASKS_DIR
-from .tasks import Task, default_data_dir, read_task, resolve_tasks
+from .tasks import TASKS_DIR, Task, default_data_dir, read_task, resolve_tasks
 from .zeroshot import loglikelihoods, score_lls
 
 HARNESS_PREFIX = "bispikclm_"

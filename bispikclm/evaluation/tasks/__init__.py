@@ -14,6 +14,9 @@ from pathlib import Path
 from ...data import default_data_dir
 from ...errors import UserError
 
+#: The folder of the harness's YAML task files (``--include_path``).
+TASKS_DIR = Path(__file__).parent
+
 
 @dataclass(frozen=True)
 class Task:
