@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import OPTConfig, OPTForCausalLM
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
@@ -17,6 +18,7 @@ from bispikclm.distill.calibrate import fit_levels, quantize, ridge_fit, set_neu
 from bispikclm.distill.init import init_from_teacher, teacher_layer_of
 from bispikclm.engine import PackedEngine, model_spikes, quantize_, spike_agreement
 from bispikclm.neurons import LIFNeuron, surrogate_grad
+from distill_setup import cli, make_teacher, make_tokenizer, write_recipe
 
 T = 2
 
@@ -195,3 +197,24 @@ def test_calibration_refuses_what_it_cannot_do():
         init_from_teacher(plain, teacher, "calibrated", calibration=torch.randint(0, 300, (2, 8)))
     with pytest.raises(ValueError, match="calibration sequences"):
         init_from_teacher(plain, teacher, "calibrated")
+
+
+def test_train_command_calibrates_an_opt_teacher_and_refuses_a_llama_one(data_dir, tmp_path):
+    tokenizer = make_tokenizer(data_dir, tmp_path / "tok")
+    for arch in ("opt", "llama"):
+        teacher = make_teacher(arch, tmp_path / arch, tokenizer)
+        path = write_recipe(tmp_path / f"{arch}.yaml", teacher, data_dir, tokens=4 * 32 * 2)
+        recipe = yaml.safe_load(path.read_text())
+        recipe["student"].update(init="calibrated", fire="count", beta=1.0, initial_membrane=0.5)
+        path.write_text(yaml.safe_dump(recipe))
+        done = cli("train", str(path), "--out", str(tmp_path / f"run-{arch}"))
+        if arch == "opt":
+            assert done.returncode == 0, done.stderr[-2000:]
+            student = BiSpikCLMForCausalLM.from_pretrained(str(tmp_path / "run-opt" / "model"))
+            assert student.config.per_channel_neurons
+            theta = student.model.layers[0].ffn.hidden_neuron.channel_threshold
+            assert theta.shape == (64,) and float(theta.std()) > 0      # calibrated, one per channel
+        else:
+            assert done.returncode == 2, done.stderr[-2000:]
+            assert done.stderr.strip().splitlines()[-1].startswith(
+                "bispikclm train: error: student.init calibrated: calibration supports OPT-family teachers")
