@@ -177,10 +177,10 @@ def _calibrate_block(block: nn.Module, x: torch.Tensor, acts: dict, layer: int, 
             best = (r2, threshold)
     attn.attn_neuron.channel_threshold.fill_(best[1])
     attn.attn_neuron.channel_initial.fill_(attn.attn_neuron.initial_membrane * best[1])
-    counts = flat(_attention_counts(attn, a).mean(0))
-    _fit_linear_and_neuron(attn.out_proj, attn.out_neuron, counts, target, steps)
+    counts = _attention_counts(attn, a)
+    _fit_linear_and_neuron(attn.out_proj, attn.out_neuron, flat(counts.mean(0)), target, steps)
     block.attn_residual_scale.copy_(attn.out_neuron.channel_threshold)
-    y = attn.out_neuron(attn.out_proj(_attention_counts(attn, a)))
+    y = attn.out_neuron(attn.out_proj(counts))
     x = x + spike_scale(y, block.attn_residual_scale)
 
     set_neuron_levels(block.ffn_in_neuron, *fit_levels(flat(x.mean(0)), steps), steps)
