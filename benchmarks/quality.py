@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + ["stage.time_steps=4"]),
     "paper_logits": ("the paper's setting with the logit-only losses of calibrated_logits", LOGITS),
     "init_all_logits": ("init all with the logit-only losses of calibrated_logits", ["student.init=all"] + LOGITS),
+    "ann_logits": ("the ANN of the student's shape, init all, with the logit-only losses of calibrated_logits",
+                   ["student.kind=ann", "student.init=all"] + LOGITS),
     "ffn_mlp": ("Llama-style GQA student, two-matrix spiking MLP of width 512 (equal parameters)",
                 ["student.num_key_value_heads=2", "student.ffn_type=mlp", "student.ffn_dim=512"]),
     "ffn_select": ("Llama-style GQA student, gated SFFN (select) of width 344",
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, help="test windows to score (default: the whole test set)")
     parser.add_argument("--step0-only", action="store_true", help="score each student before training, no training")
     parser.add_argument("--calibration", type=int, default=64, help="training sequences for init: calibrated")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in --results (same tokens and windows) and run only the missing ones")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override applied to every variant")
     args = parser.parse_args()
@@ -176,11 +180,25 @@ def main() -> None:
                "teacher_ppl": teacher_ppl, "unigram_ppl": unigram_perplexity(ids["train"], test, len(tokenizer), context),
                "test_tokens": int(pack(test, context)[:, 1:].numel()), "student_tokens": base["train"]["tokens"],
                "seeds": args.seeds, "recipe": base, "descriptions": {}, "runs": [], "variants": {}}
+    done = {}
+    if args.resume and results_path.exists():
+        old = json.loads(results_path.read_text())
+        if (old["student_tokens"], old["test_tokens"]) != (results["student_tokens"], results["test_tokens"]):
+            raise SystemExit(f"error: {results_path} holds runs of {old['student_tokens']} tokens scored on "
+                             f"{old['test_tokens']} test tokens; --resume needs the same --tokens and --eval-windows")
+        done = {(r["variant"], r["seed"]): r for r in old["runs"]}
+        results["descriptions"] = old["descriptions"]
+        results["runs"] = [r for r in old["runs"] if r["variant"] not in args.variants]
+        results["variants"] = {k: v for k, v in old["variants"].items() if k not in args.variants}
+        results["seeds"] = sorted(set(old["seeds"]) | set(args.seeds))
     for name in args.variants:
         description, overrides = VARIANTS[name]
         results["descriptions"][name] = {"what": description, "overrides": overrides}
         recipe = merge(base, parse_overrides(overrides))
         for seed in args.seeds:
+            if (name, seed) in done:
+                results["runs"].append(done[(name, seed)])
+                continue
             torch.manual_seed(seed)
             calibration = train_seqs[torch.randperm(len(train_seqs))[:args.calibration]]
             student = build_student(teacher, recipe, calibration)
