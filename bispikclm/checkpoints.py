@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
+from . import modeling as _students  # noqa: F401  (registers BiSpikCLM with the Auto classes)
 from .errors import UserError
 
 

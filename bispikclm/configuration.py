@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .errors import InvalidConfig, UserError
 from .neurons import FIRE_MODES, LEARNABLE, SURROGATES
@@ -257,3 +257,6 @@ class BiSpikCLMConfig(PretrainedConfig):
 def has_rotary_positions(config) -> bool:
     """Whether a Hugging Face config describes rotary position embeddings (no learned position table)."""
     return any(getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta", "rope_scaling"))
+
+
+AutoConfig.register(BiSpikCLMConfig.model_type, BiSpikCLMConfig, exist_ok=True)

@@ -18,16 +18,12 @@ import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .errors import UserError
+from .paths import default_data_dir  # noqa: F401  (re-exported: callers read it from here)
+from .recipes.schema import SOURCE_TYPES
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
 #: Keys of one data source of a recipe (``data.train``, ``data.valid``)
-SOURCE_FIELDS = ("source", "split", "name", "text_field", "max_documents", "max_tokens", "detokenize", "separators")
-
-
-def default_data_dir() -> Path:
-    """The data folder (WikiText-2, zero-shot tasks): ``$BISPIKCLM_DATA`` if set, else ``<repo>/../shared/data``."""
-    env = os.environ.get("BISPIKCLM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SOURCE_FIELDS = tuple(SOURCE_TYPES)
 
 
 def iter_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",

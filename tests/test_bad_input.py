@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from _eval_models import build_models, build_tokenizer
 from bispikclm import BiSpikCLMConfig
 from bispikclm.cli import main
-from bispikclm.commands.train import SOURCE_TYPES
+from bispikclm.recipes.schema import DATA_TYPES, SOURCE_TYPES, STUDENT_KEYS
 from bispikclm.distill import TrainConfig
 from bispikclm.errors import UserError
 from bispikclm.neurons import SURROGATES
@@ -210,12 +210,12 @@ def bad_recipe_edit(draw, recipe: dict) -> tuple[str, dict]:
         recipe[section] = draw(st.one_of(st.dictionaries(NAMES, st.integers(), min_size=1, max_size=2), st.integers(),
                                          st.lists(NAMES, min_size=1, max_size=2), st.booleans()))
         return f"recipe: wrong type ({section})", recipe
-    node, known = {"data": (recipe["data"], {"train": "dict", "valid": "dict"}),
+    node, known = {"data": (recipe["data"], DATA_TYPES),
                    "data.train": (recipe["data"]["train"], SOURCE_TYPES),
                    "student": (recipe["student"], BiSpikCLMConfig.__annotations__),
                    "train": (recipe["train"], TrainConfig.__annotations__)}[section]
     if unknown:
-        node[draw(NAMES.filter(lambda k: k not in known and k not in ("kind", "init")))] = draw(st.integers())
+        node[draw(NAMES.filter(lambda k: k not in known and k not in STUDENT_KEYS))] = draw(st.integers())
         return f"recipe: unknown key ({section.split('.')[0]})", recipe
     key = draw(st.sampled_from(sorted(known)))
     node[key] = draw(wrong_type(known[key]))

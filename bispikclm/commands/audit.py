@@ -7,9 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..audit import audit, format_audit
-from ..energy import load_checkpoint, text_token_ids
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="folder saved with save_pretrained (model and tokenizer)")
@@ -20,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..audit import audit, format_audit
+    from ..energy import load_checkpoint, text_token_ids
+
     model, tokenizer = load_checkpoint(args.checkpoint)
     input_ids = text_token_ids(tokenizer, args.text, args.tokens, max_length=model.config.max_position_embeddings)
     result = audit(model, input_ids, name=args.checkpoint)

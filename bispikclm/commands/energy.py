@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..energy import (PRECISIONS, count_operations, energy_report, format_report, load_checkpoint,
-                      load_energy_table, same_shape_ann, save_report, text_token_ids)
+from ..cost_tables import PRECISIONS
 from ..errors import UserError
 
 
@@ -29,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..energy import (count_operations, energy_report, format_report, load_checkpoint, load_energy_table,
+                          same_shape_ann, save_report, text_token_ids)
+
     student, tokenizer = load_checkpoint(args.checkpoint)
     if not hasattr(student.config, "time_steps"):
         raise UserError(f"{args.checkpoint} is not a BiSpikCLM student ({type(student).__name__})")

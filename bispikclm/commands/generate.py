@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import math
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 ENGINES = ("torch", "packed")
 
@@ -77,6 +79,8 @@ def _positions(model) -> int | None:
 def generate_ids(model, engine: str, tokenizer, prompt: torch.Tensor, args: argparse.Namespace, streamer=None):
     """The new token ids after ``prompt`` ``[1, N]`` (greedy unless ``--temperature``), streamed when given a
     streamer."""
+    import torch
+
     if engine == "torch":
         torch.manual_seed(args.seed)
         sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k or 0) \
@@ -126,6 +130,7 @@ def side_by_side(prompt: str, rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from transformers import TextStreamer
 
     if args.max_new_tokens < 1:

@@ -19,22 +19,17 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..ann import same_shape_ann
-from ..configuration import BiSpikCLMConfig
-from ..data import SPECIAL_TOKENS, default_data_dir, encode, load_texts, pack, train_tokenizer, unigram_log_probs
-from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
-from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
-from ..energy import format_cost_table, honest_cost, text_token_ids
 from ..errors import UserError
-from ..evaluation.perplexity import perplexity, windows
-from ..modeling import BiSpikCLMForCausalLM
+from ..paths import default_data_dir
 from ..recipes import load_recipe, merge, parse_overrides
-from ..report import build_report
+from ..recipes.schema import QUICKSTART_SECTIONS, TEACHER_FIELDS, TOKENIZER_TYPES
 from ..runfolder import hold
 from ..validation import check_text_file, check_types, need
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,13 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-SECTIONS = ("tokenizer", "teacher", "teacher_train", "student", "train")
-# the OPTConfig fields a quickstart teacher may set
-TEACHER_FIELDS = {"hidden_size": "int", "num_hidden_layers": "int", "num_attention_heads": "int", "ffn_dim": "int",
-                  "max_position_embeddings": "int", "dropout": "float", "attention_dropout": "float",
-                  "activation_function": "str", "init_std": "float"}
-
-
 def recipe_from_args(args: argparse.Namespace) -> dict:
     flags = {"teacher_train": {"tokens": args.teacher_tokens}, "train": {"tokens": args.student_tokens},
              "student": {"time_steps": args.time_steps}}
@@ -75,6 +63,10 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
 
 def wikitext_ids(data: Path, vocab_size: int, cache_dir: Path):
     """Tokenizer trained on WikiText-2 train (cached) and the token ids of train/valid/test (cached)."""
+    import torch
+
+    from ..data import encode, load_texts, train_tokenizer
+
     folder = data / "wikitext-2"
     try:
         digest = hashlib.sha256((folder / "train.txt").read_bytes()).hexdigest()[:16]
@@ -94,6 +86,11 @@ def wikitext_ids(data: Path, vocab_size: int, cache_dir: Path):
 def unigram_perplexity(train_ids: torch.Tensor, ids: torch.Tensor, vocab_size: int, context: int) -> float:
     """Perplexity of the add-one smoothed unigram model on exactly the tokens that
     :func:`bispikclm.evaluation.perplexity.perplexity` scores with non-overlapping windows of ``context``."""
+    import torch
+
+    from ..data import unigram_log_probs
+    from ..evaluation.perplexity import windows
+
     targets = torch.cat([ids[first:end] for _, end, first in windows(ids.numel(), context, context)])
     return math.exp(-float(unigram_log_probs(train_ids, vocab_size)[targets].mean()))
 
@@ -124,7 +121,18 @@ def plot_curves(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from transformers import OPTConfig, OPTForCausalLM
+
+    from ..ann import same_shape_ann
+    from ..configuration import BiSpikCLMConfig
+    from ..data import SPECIAL_TOKENS, pack
+    from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
+    from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
+    from ..energy import format_cost_table, honest_cost, text_token_ids
+    from ..evaluation.perplexity import perplexity
+    from ..modeling import BiSpikCLMForCausalLM
+    from ..report import build_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -134,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     recipe = recipe_from_args(args)
     # the whole recipe and the data are checked before the run folder is touched
-    check_types("recipe", recipe, dict.fromkeys(SECTIONS, "dict | None"))
+    check_types("recipe", recipe, dict.fromkeys(QUICKSTART_SECTIONS, "dict | None"))
     check_types("teacher", recipe.get("teacher"), TEACHER_FIELDS)
     for key, value in recipe["teacher"].items():
         need(TEACHER_FIELDS[key] != "int" or value >= 1, f"teacher.{key}", "must be >= 1", value)
     teacher_cfg = TrainConfig.from_dict(recipe.get("teacher_train", {}), "teacher_train")
     student_cfg = TrainConfig.from_dict(recipe.get("train", {}))
-    check_types("tokenizer", recipe.get("tokenizer"), {"vocab_size": "int"})
+    check_types("tokenizer", recipe.get("tokenizer"), TOKENIZER_TYPES)
     need(recipe["tokenizer"].get("vocab_size", 0) >= 256 + len(SPECIAL_TOKENS), "tokenizer.vocab_size",
          f"must be an integer >= {256 + len(SPECIAL_TOKENS)} (the byte alphabet and special tokens)",
          recipe["tokenizer"].get("vocab_size"))

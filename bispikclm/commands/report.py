@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..report import build_report
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="folder holding student/ and optionally teacher/ (save_pretrained folders, or training run "
@@ -19,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..report import build_report
+
     path = build_report(args.run_dir, args.out, args.text, args.tokens, args.energy_seq_len)
     print(f"report written to {path}")
     return 0

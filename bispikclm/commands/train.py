@@ -13,28 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..ann import same_shape_ann
-from ..checkpoints import load_tokenizer
-from ..configuration import BiSpikCLMConfig, has_rotary_positions
-from ..data import data_meta, data_source, training_data
-from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
-from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
 from ..errors import UserError
-from ..modeling import BiSpikCLMForCausalLM
 from ..recipes import load_recipe, merge, parse_overrides
+from ..recipes.schema import (CACHE_FIELDS, DATA_TYPES, MODEL_TYPES, REQUIRED_SECTIONS, SECTIONS, SOURCE_TYPES,
+                              STUDENT_KEYS, STUDENT_KINDS)
 from ..runfolder import hold, write_file, writing
 from ..validation import check_text_file, check_types, need
 
-SECTIONS = ("teacher", "tokenizer", "data", "student", "train", "teacher_cache")
-# teacher_cache: {folder: DIR, top_k: K, batch_size: B}: run the teacher once over the training sequences and keep
-# what the losses need (bispikclm.distill.teacher_cache); students sharing the folder share the teacher pass
-CACHE_FIELDS = ("folder", "top_k", "batch_size")
-# student.kind: the spiking student, or the ANN of exactly its shape (bispikclm.ann), the baseline for the price of
-# spikes: the same teacher, losses, tokens, data order and seed
-STUDENT_KINDS = ("spiking", "ann")
+if TYPE_CHECKING:
+    from ..distill import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,23 +35,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-SOURCE_TYPES = {"source": "str", "split": "str", "name": "str | None", "text_field": "str",
-                "max_documents": "int | None", "max_tokens": "int | None",
-                "detokenize": "str | None", "separators": "bool"}
-
-
 def check_recipe(recipe: dict, name: str) -> None:
     """UserError, before anything loads or is written, unless every section of the recipe has known keys and
     values of the right types (the student's ranges are checked by BiSpikCLMConfig, the train section's by
     TrainConfig.from_dict)."""
-    missing = [s for s in ("teacher", "data", "train") if s not in recipe]
+    from ..configuration import BiSpikCLMConfig
+
+    missing = [s for s in REQUIRED_SECTIONS if s not in recipe]
     if missing or set(recipe) - set(SECTIONS):
         raise UserError(f"recipe {name!r} needs sections {SECTIONS} (missing {missing}, unknown "
                         f"{sorted(set(recipe) - set(SECTIONS))})")
-    check_types("recipe", {k: recipe.get(k) for k in ("teacher", "tokenizer")},
-                {"teacher": "str", "tokenizer": "str | None"})
+    check_types("recipe", {k: recipe.get(k) for k in MODEL_TYPES}, MODEL_TYPES)
     need(bool(recipe["teacher"].strip()), "recipe teacher", "must name a model or folder", recipe["teacher"])
-    check_types("data", recipe["data"], {"train": "dict", "valid": "dict"})
+    check_types("data", recipe["data"], DATA_TYPES)
     need("train" in recipe["data"], "data", "needs a train source", recipe["data"])
     for split, source in recipe["data"].items():
         check_types(f"data.{split}", source, SOURCE_TYPES)
@@ -70,12 +55,14 @@ def check_recipe(recipe: dict, name: str) -> None:
         for key in ("max_documents", "max_tokens"):
             if source.get(key) is not None:
                 need(source[key] >= 1, f"data.{split}.{key}", "must be >= 1", source[key])
-    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=("kind", "init"))
+    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=STUDENT_KEYS)
 
 
 def check_local_source(source: dict, split: str) -> None:
     """UserError when a data source that names a local file or folder is missing, empty, binary or not UTF-8
     (hub dataset names are checked when they load)."""
+    from ..data import data_source
+
     name = data_source(str(source["source"]))
     path = Path(name)
     if path.is_dir():
@@ -93,6 +80,15 @@ def check_resumed_data(path: Path, meta: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..ann import same_shape_ann
+    from ..checkpoints import load_tokenizer
+    from ..configuration import BiSpikCLMConfig, has_rotary_positions
+    from ..data import data_meta, training_data
+    from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
+    from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
+    from ..modeling import BiSpikCLMForCausalLM
 
     recipe = merge(load_recipe(args.recipe), parse_overrides(args.set))
     check_recipe(recipe, args.recipe)
@@ -154,6 +150,7 @@ def build_teacher_cache(section: dict, teacher, student, config: TrainConfig, tr
                         progress: bool = True):
     """The recipe's ``teacher_cache`` section: build (or reuse, or resume) the cache of the teacher's outputs over
     ``train_seqs`` that the student's losses need."""
+    import torch
     from accelerate import PartialState
 
     from ..distill.losses import SpADLoss
