@@ -29,5 +29,6 @@ bench: setup
 	$(if $(wildcard runs/quickstart/teacher),$(PY) benchmarks/spike_cost.py --data $(DATA) --teacher runs/quickstart/teacher)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/memory.py
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 204800 --eval-windows 200 --seeds 0 1 2 --variants paper ann init_all rate_matched learn_threshold_channel
+	PYTHONPATH=. $(PY) benchmarks/cli_startup.py
 	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine_peers.py $(if $(wildcard runs/quickstart/student),--run-dir runs/quickstart)
 	$(PY) benchmarks/smollm2.py --data $(DATA) --out runs/smollm2 --tokens 65536 --data-tokens 131072 --test-tokens 16384 --zeroshot-limit 40 --parity results/smollm2/parity.json
