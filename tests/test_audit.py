@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from _energy_models import build_models
+from helpers import cost_models
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.audit import audit
 from bispikclm.cli import main
@@ -15,7 +15,7 @@ from bispikclm.cli import main
 
 @pytest.fixture(scope="module")
 def folders(data_dir, tmp_path_factory):
-    return build_models(data_dir, tmp_path_factory.mktemp("models"))
+    return cost_models(data_dir, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _eval_models import build_models, build_tokenizer
 from bispikclm import BiSpikCLMConfig
 from bispikclm.cli import main
 from bispikclm.recipes.schema import DATA_TYPES, SOURCE_TYPES, STUDENT_KEYS
 from bispikclm.distill import TrainConfig
 from bispikclm.errors import UserError
 from bispikclm.neurons import SURROGATES
-from distill_setup import cli_command, write_recipe
+from helpers import cli_command, eval_models, make_tokenizer, write_recipe
 
 CASES: Counter = Counter()
 POSITIONS = 64
@@ -60,14 +59,14 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(data_dir, root) -> tuple[Path, Path]:
     """(OPT teacher, BiSpikCLM student) folders, each with its tokenizer (1,024 tokens), 64 positions."""
-    return build_models(data_dir, root / "models", max_positions=POSITIONS)
+    return eval_models(data_dir, root / "models", max_positions=POSITIONS)
 
 
 @pytest.fixture(scope="module")
 def big_tokenizer(data_dir, root) -> Path:
     """A tokenizer of 2,048 tokens: more than the models' vocabulary."""
     folder = root / "big-tokenizer"
-    build_tokenizer(data_dir, vocab_size=2048, lines=3000).save_pretrained(str(folder))
+    make_tokenizer(data_dir, folder, vocab_size=2048)
     return folder
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,9 +15,9 @@ from transformers import OPTConfig, OPTForCausalLM
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.distill.calibrate import fit_levels, quantize, ridge_fit, set_neuron_levels, set_time_steps
 from bispikclm.distill.init import init_from_teacher, teacher_layer_of
-from bispikclm.engine import PackedEngine, model_spikes, quantize_, spike_agreement
+from bispikclm.engine import quantize_, spike_agreement
 from bispikclm.neurons import LIFNeuron, surrogate_grad
-from distill_setup import cli, make_teacher, make_tokenizer, write_recipe
+from helpers import cli, engine_and_model, make_teacher, make_tokenizer, write_recipe
 
 T = 2
 
@@ -178,15 +177,9 @@ def test_engine_reproduces_a_calibrated_student_spike_for_spike(calibrated):
     _, student, _ = calibrated
     quantize_(student, head=True)
     ids = torch.randint(0, 300, (48,))
-    theirs, logits = model_spikes(student, ids)
-    engine = PackedEngine.from_model(student, int8=True)
-    cache, records, steps = engine.new_cache(), [], []
-    for chunk in [ids[:32]] + [ids[i:i + 1] for i in range(32, len(ids))]:
-        records.append({})
-        steps.append(engine.forward(chunk, cache, all_logits=True, record=records[-1]))
-    ours = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    ours, theirs, steps, logits = engine_and_model(student, ids, prefill=32, int8=True)
     assert spike_agreement(ours, theirs) == 1.0
-    assert torch.equal(torch.cat(steps).argmax(-1), logits.argmax(-1))
+    assert torch.equal(steps.argmax(-1), logits.argmax(-1))
 
 
 def test_calibration_refuses_what_it_cannot_do():

@@ -14,8 +14,7 @@ from bispikclm.checkpoints import SHORT_NAMES, ModelSource, ShortName, installed
 from bispikclm.cli import main
 from bispikclm.distill import load_teacher
 from bispikclm.errors import UserError
-from distill_setup import cli, make_teacher, make_tokenizer, write_recipe
-from gguf_setup import write_llama_gguf
+from helpers import cli, make_teacher, make_tokenizer, write_llama_gguf, write_recipe
 
 TEXT = " The game was praised for its story, and sold 1,200 copies."
 

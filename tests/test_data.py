@@ -12,7 +12,7 @@ import torch
 from bispikclm.data import (TokenFile, default_data_dir, encode, iter_texts, load_texts, pack, tokenize_to_file,
                             train_tokenizer, training_data, unigram_log_probs)
 from bispikclm.errors import UserError
-from distill_setup import make_tokenizer
+from helpers import make_tokenizer
 
 
 def test_load_texts_reads_a_split_of_a_local_folder(data_dir):

@@ -14,7 +14,7 @@ from bispikclm.distill.losses import (AttentionLoss, EmbeddingLoss, FeatureLoss,
                                       SpADLoss, layer_map, projector, rate_target)
 from bispikclm.distill.teacher import TeacherOutput
 from bispikclm.neurons import LIFNeuron
-from distill_setup import make_teacher, make_tokenizer
+from helpers import make_teacher, make_tokenizer
 
 
 def test_rate_target_is_the_firing_rate_of_the_lif_neuron_under_constant_current():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from distill_setup import cli
+from helpers import cli
 
 SMALL = ["--teacher-tokens", "8192", "--student-tokens", "8192", "--test-tokens", "8192",
          "--set", "teacher_train.eval_batches=2", "--set", "train.eval_batches=2"]

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from bispikclm.distill import check_teacher, load_teacher, teacher_forward
 from bispikclm.errors import UserError
-from distill_setup import make_teacher, make_tokenizer
+from helpers import make_teacher, make_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from bispikclm.cli import main
 from bispikclm.runfolder import load_state
-from distill_setup import cli, cli_command, make_teacher, make_tokenizer, write_recipe
+from helpers import cli, cli_command, make_teacher, make_tokenizer, write_recipe
 
 STEPS = 40
 

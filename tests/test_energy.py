@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from _energy_models import build_models
+from helpers import cost_models
 from bispikclm.cli import main
 from bispikclm.energy import (BLOCK_PARTS, KIND_COST, EnergyTable, MemoryTable, bytes_read, cost_table,
                               count_operations, energy_report, format_cost_table, load_checkpoint, load_energy_table,
@@ -23,7 +23,7 @@ from bispikclm.neurons import LIFNeuron
 
 @pytest.fixture(scope="module")
 def folders(data_dir, tmp_path_factory):
-    return build_models(data_dir, tmp_path_factory.mktemp("models"))
+    return cost_models(data_dir, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from _energy_models import build_models
+from helpers import cost_models
 from bispikclm.cli import main
 from bispikclm.energy import load_checkpoint, text_token_ids
 from bispikclm.report import block_input_spikes
@@ -19,7 +19,7 @@ from bispikclm.report import block_input_spikes
 @pytest.fixture(scope="module")
 def run_dir(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    folders = build_models(data_dir, root)
+    folders = cost_models(data_dir, root)
     shutil.rmtree(folders["student"])
     folders["spiking_student"].rename(root / "student")
     return root

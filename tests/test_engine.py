@@ -11,9 +11,9 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.cli import main
-from bispikclm.data import train_tokenizer
-from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, reference, spike_agreement
+from bispikclm.engine import PackedEngine, kernels, pack, quantize_, reference, spike_agreement
 from bispikclm.errors import UserError
+from helpers import engine_and_model, make_tokenizer
 
 SMALL = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
              max_position_embeddings=512)
@@ -22,10 +22,7 @@ SMALL = dict(vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attentio
 @pytest.fixture(scope="session")
 def tokenizer(data_dir, tmp_path_factory) -> PreTrainedTokenizerFast:
     """A 2,048-token byte-level BPE trained on the first 20,000 lines of WikiText-2 train."""
-    lines = (data_dir / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines()[:20000]
-    tok = train_tokenizer(lines, SMALL["vocab_size"])
-    tok.save_pretrained(tmp_path_factory.mktemp("tokenizer"))
-    return tok
+    return make_tokenizer(data_dir, tmp_path_factory.mktemp("tokenizer"), SMALL["vocab_size"], lines=20000)
 
 
 @pytest.fixture(scope="session")
@@ -81,14 +78,7 @@ def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_step
     if int8:
         quantize_(model, head=True)
     ids = torch.tensor(tokenizer(" ".join(test_text[:4]))["input_ids"][:256])
-    theirs, logits = model_spikes(model, ids)
-    engine = PackedEngine.from_model(model, int8=int8)
-    # prefill 200 tokens, then decode the rest one by one against the packed cache
-    cache, records, steps = engine.new_cache(), [], []
-    for chunk in [ids[:200]] + [ids[i:i + 1] for i in range(200, len(ids))]:
-        records.append({})
-        steps.append(engine.forward(chunk, cache, all_logits=True, record=records[-1]))
-    ours = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    ours, theirs, steps, logits = engine_and_model(model, ids, prefill=200, int8=int8)
     rate = np.mean([v.mean() for k, v in ours.items() if not k.endswith("out_proj")])
     assert 0.05 < rate < 0.5, rate
     match = spike_agreement(ours, theirs)
@@ -96,8 +86,8 @@ def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_step
         assert match == 1.0
     else:
         assert match >= 0.9999, match
-    torch.testing.assert_close(torch.cat(steps), logits, rtol=1e-4, atol=1e-4)
-    assert torch.equal(torch.cat(steps).argmax(-1), logits.argmax(-1))
+    torch.testing.assert_close(steps, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(steps.argmax(-1), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(LLAMA, **LEARNED)])
@@ -210,7 +200,7 @@ def test_generate_compare_prints_student_and_teacher_side_by_side(tokenizer, tes
     from transformers import AutoModelForCausalLM
 
     from bispikclm.commands.generate import continuations
-    from distill_setup import make_teacher
+    from helpers import make_teacher
 
     monkeypatch.setenv("COLUMNS", "400")     # one line per cell, so the printed text can be matched
     student, teacher = tmp_path / "student", tmp_path / "teacher"

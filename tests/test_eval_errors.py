@@ -4,14 +4,14 @@ import shutil
 
 import pytest
 
-from _eval_models import build_models
+from helpers import eval_models
 from bispikclm.cli import main
 from bispikclm.evaluation.tasks import TASKS
 
 
 @pytest.fixture(scope="module")
 def folders(data_dir, tmp_path_factory):
-    return build_models(data_dir, tmp_path_factory.mktemp("eval-errors"), max_positions=512)
+    return eval_models(data_dir, tmp_path_factory.mktemp("eval-errors"), max_positions=512)
 
 
 def error_of(argv, capsys) -> str:

@@ -10,8 +10,7 @@ from transformers import LlamaForCausalLM
 
 from bispikclm.cli import main
 from bispikclm.evaluation.zeroshot import score_lls
-from distill_setup import make_teacher, make_tokenizer
-from gguf_setup import write_llama_gguf
+from helpers import make_teacher, make_tokenizer, write_llama_gguf
 
 TASKS = "arc_easy,winogrande,hellaswag,piqa"   # trailing-space prompts (winogrande), accented choices (piqa, hellaswag)
 

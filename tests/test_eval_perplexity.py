@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from _eval_models import build_models
+from helpers import eval_models
 from bispikclm.evaluation.models import load_model
 from bispikclm.evaluation.perplexity import encode_corpus, perplexity, wikitext2_text, windows
 
 
 @pytest.fixture(scope="module")
 def folders(data_dir, tmp_path_factory):
-    return build_models(data_dir, tmp_path_factory.mktemp("eval-ppl"))
+    return eval_models(data_dir, tmp_path_factory.mktemp("eval-ppl"))
 
 
 @pytest.mark.parametrize("variant", ["raw", "tokenized"])

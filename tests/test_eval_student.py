@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from _eval_models import build_models
+from helpers import eval_models
 from bispikclm.cli import main
 from bispikclm.evaluation.models import load_model, with_spiking_overrides
 
 
 @pytest.fixture(scope="module")
 def student(data_dir, tmp_path_factory):
-    return build_models(data_dir, tmp_path_factory.mktemp("eval-student"), max_positions=512)[1]
+    return eval_models(data_dir, tmp_path_factory.mktemp("eval-student"), max_positions=512)[1]
 
 
 def test_overrides_equal_a_checkpoint_loaded_with_them(student):

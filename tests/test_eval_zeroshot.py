@@ -10,7 +10,7 @@ import torch
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from _eval_models import build_models
+from helpers import eval_models
 from bispikclm.evaluation.lm_eval_adapter import TASKS_DIR
 from bispikclm.evaluation.models import load_model
 from bispikclm.evaluation.zeroshot import encode_pair, evaluate_tasks, loglikelihoods
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def folders(data_dir, tmp_path_factory):
-    return build_models(data_dir, tmp_path_factory.mktemp("eval-zeroshot"))
+    return eval_models(data_dir, tmp_path_factory.mktemp("eval-zeroshot"))
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["opt-teacher", "student"])

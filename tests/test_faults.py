@@ -26,7 +26,7 @@ from bispikclm.cli import main
 from bispikclm.errors import UserError
 from bispikclm.runfolder import (LOCK, Interrupted, RunFolderBusy, RunLock, WriteFailed, check_manifest, committing,
                                  load_state, save_state, write_manifest)
-from distill_setup import REPO, cli, cli_command, make_teacher, make_tokenizer, write_recipe
+from helpers import REPO, cli, cli_command, make_teacher, make_tokenizer, write_recipe
 
 STEPS = 60
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill_setup import cli, cli_command, make_teacher, make_tokenizer, write_recipe
+from helpers import cli, cli_command, make_teacher, make_tokenizer, write_recipe
 
 STEPS = 6
 

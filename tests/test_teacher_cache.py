@@ -16,7 +16,7 @@ from bispikclm.distill.losses import SoftTargetLoss, SpADLoss, TopKLogits, topk_
 from bispikclm.distill.teacher import teacher_forward
 from bispikclm.distill.teacher_cache import CacheSpec, TeacherCache
 from bispikclm.errors import UserError
-from distill_setup import cli, make_teacher, make_tokenizer, write_recipe
+from helpers import cli, make_teacher, make_tokenizer, write_recipe
 
 
 def test_topk_kl_with_every_token_is_the_full_kl_and_has_its_gradient():
