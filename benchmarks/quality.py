@@ -44,6 +44,7 @@ LOGITS = ["train.weights.emb=0", "train.weights.attn=0", "train.weights.feat=0",
 #: ``stage.time_steps=T0``: the first half of the tokens at T0, then the recipe's T (progressive precision).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "paper": ("random init, fixed thresholds and leaks (the paper's setting)", []),
+    "quickstart": ("the quickstart recipe as it is (bispikclm/recipes/quickstart.yaml)", []),
     "ann": ("the ANN of the student's shape, same losses (no Rate-MSE), tokens, data order and seed",
             ["student.kind=ann"]),
     "init_embeddings": ("embeddings, head and final LayerNorm from the teacher", ["student.init=embeddings"]),
@@ -83,6 +84,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                 ["student.num_key_value_heads=2", "student.ffn_type=gated", "student.ffn_gate=and",
                  "student.ffn_dim=344"]),
 }
+
+
+def paper_recipe(quickstart: dict) -> dict:
+    """The quickstart recipe with the paper's student and losses (random init, fixed LIF neurons, every SpAD
+    term at its default weight): the base every variant's overrides apply to (variant ``quickstart`` takes the
+    quickstart's recipe as it is)."""
+    recipe = {**quickstart, "student": {"time_steps": quickstart["student"]["time_steps"]},
+              "train": {k: v for k, v in quickstart["train"].items() if k != "weights"}}
+    return recipe
 
 
 def build_student(teacher, recipe: dict, calibration=None):
@@ -166,9 +176,10 @@ def main() -> None:
                         help="an override applied to every variant")
     args = parser.parse_args()
 
-    base = merge(load_recipe("quickstart"), parse_overrides(args.set))
+    quickstart = merge(load_recipe("quickstart"), parse_overrides(args.set))
     if args.tokens:
-        base["train"]["tokens"] = args.tokens
+        quickstart["train"]["tokens"] = args.tokens
+    base = paper_recipe(quickstart)
     teacher = load_teacher(args.teacher or str(Path(args.run_dir) / "teacher" / "model"))
     tokenizer, ids = wikitext_ids(Path(args.data), base["tokenizer"]["vocab_size"], Path.home() / ".cache" / "bispikclm")
     context = base["train"]["seq_len"]
@@ -194,7 +205,7 @@ def main() -> None:
     for name in args.variants:
         description, overrides = VARIANTS[name]
         results["descriptions"][name] = {"what": description, "overrides": overrides}
-        recipe = merge(base, parse_overrides(overrides))
+        recipe = quickstart if name == "quickstart" else merge(base, parse_overrides(overrides))
         for seed in args.seeds:
             if (name, seed) in done:
                 results["runs"].append(done[(name, seed)])
