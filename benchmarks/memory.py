@@ -19,6 +19,23 @@ N² terms are the attention maps: binary P in the student, the teacher's softmax
 linear in the batch (checked by the batch sweep). The GPU estimate is the model states (fp32 weights and
 gradients, AdamW's two moments, the fp32 teacher) plus the saved bytes times the peak-per-saved-byte factor
 measured on the CPU sweeps (the backward's gradients and temporaries come on top of what is kept).
+
+FSDP estimate per process (``train.fsdp``, :func:`fsdp_estimate`), for the ``opt-125m``, ``smollm2-135m`` and
+``opt-1.3b`` recipes at 2, 4 and 8 processes, at each recipe's sequence length and T (and T = 4 for ``opt-1.3b``,
+the paper's other setting), under bf16 mixed precision::
+
+    16 P / R                  fp32 parameter, gradient and two AdamW moment shards (P student parameters, R ranks)
+  + 8 (P_root + 2 P_block)    unsharded bf16 parameters and their bf16 + fp32 gradients of what is gathered at
+                              once: the root group (embeddings, positions, final norm) and two blocks (the one that
+                              runs and the one prefetched)
+  + 4 P_teacher               the replicated fp32 teacher (2 with train.teacher_dtype: bfloat16)
+  + factor x saved(micro)     activations of one micro-batch, as above (not sharded: each process runs its own)
+
+The activations are float32 here, so the estimate leans high where bf16 halves the currents.
+
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --reuse results/memory.json --presets opt-1.3b --kinds spiking
+
+measures only the ``opt-1.3b`` student's fit and reuses the sweeps and the other fits of an earlier run.
 """
 
 from __future__ import annotations
@@ -212,12 +229,65 @@ def estimate(name: str, shape: dict, kind: str, model_fit: dict, factor: float) 
             "states_gb": round(states_gb, 2), "backward_factor": round(factor, 2), "rows": rows}
 
 
+FSDP_RANKS = (2, 4, 8)
+FSDP_RECIPES = ("opt-125m", "smollm2-135m", "opt-1.3b")
+
+
+def block_param_counts(shape: dict) -> tuple[int, int]:
+    """``(root, one block)``: the student's parameters outside the blocks and those of one block (meta device)."""
+    from bispikclm import BiSpikCLMForCausalLM
+
+    with torch.device("meta"):
+        model = BiSpikCLMForCausalLM(student_config(shape, TARGET["seq"], TARGET["time_steps"]))
+    blocks = sum(p.numel() for name, p in model.named_parameters() if ".layers." in f".{name}")
+    return sum(p.numel() for p in model.parameters()) - blocks, blocks // shape["num_hidden_layers"]
+
+
+def saved_per_sample(shape: dict, model_fit: dict, seq: int, time_steps: int) -> tuple[float, float]:
+    """Saved activation bytes of one sequence without and with block checkpointing (see :func:`estimate`)."""
+    block = predict(model_fit["block"], seq, time_steps) * MIB
+    outside = predict(model_fit["outside"], seq, time_steps) * MIB
+    layers = shape["num_hidden_layers"]
+    return (outside + layers * block,
+            outside + layers * time_steps * seq * shape["hidden_size"] * 4 + block)
+
+
+def fsdp_estimate(recipe: str, shape: dict, model_fit: dict, factor: float, time_steps: int | None = None) -> dict:
+    """GB per process of a BiSpikCLM student trained with ``train.fsdp`` at FSDP_RANKS processes, at the
+    recipe's sequence length and T (or ``time_steps``), per micro-batch, without and with checkpointing (the
+    formula in the module docstring)."""
+    from bispikclm.recipes import load_recipe
+
+    spec = load_recipe(recipe)
+    seq = spec["train"]["seq_len"]
+    t = time_steps or spec["student"]["time_steps"]
+    params, teacher_params = param_count(shape, "spiking"), param_count(shape, "ann")
+    root, block = block_param_counts(shape)
+    teacher_bytes = 2 if spec["train"].get("teacher_dtype") == "bfloat16" else 4
+    gathered = 8 * (root + 2 * block)
+    plain, ckpt = saved_per_sample(shape, model_fit, seq, t)
+    rows = []
+    for ranks in FSDP_RANKS:
+        states = 16 * params / ranks + gathered + teacher_bytes * teacher_params
+        for micro in (1, 2, 4, 8, 16):
+            rows.append({"ranks": ranks, "micro_batch": micro, "states_gb": round(states / 1e9, 2),
+                         "total_gb": round((states + factor * micro * plain) / 1e9, 1),
+                         "total_checkpointing_gb": round((states + factor * micro * ckpt) / 1e9, 1)})
+    return {"recipe": recipe, "seq": seq, "time_steps": t, "params": params, "root_params": root,
+            "block_params": block, "teacher_params": teacher_params, "teacher_bytes": teacher_bytes,
+            "backward_factor": round(factor, 2), "saved_per_sample_gb": round(plain / 1e9, 2),
+            "saved_per_sample_checkpointing_gb": round(ckpt / 1e9, 2), "rows": rows}
+
+
 def main() -> None:
     from bispikclm.configuration import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/memory.json")
     parser.add_argument("--presets", nargs="+", default=["opt-125m", "smollm2-135m"])
+    parser.add_argument("--kinds", nargs="+", default=["spiking", "ann"], choices=["spiking", "ann"])
+    parser.add_argument("--reuse", help="an earlier results/memory.json: keep its sweeps and fits, measure only "
+                                        "the fits of --presets it lacks")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tmp = Path(tempfile.gettempdir()) / "bispikclm-memory"   # the trainer's run folder; nothing is written
@@ -228,27 +298,47 @@ def main() -> None:
         return
 
     started = time.time()
-    sweep = []
-    for case in sweep_cases():
+    earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    sweep = earlier.get("sweep", [])
+    for case in [] if sweep else sweep_cases():
         row = in_subprocess(case)
         sweep.append(row)
         print(json.dumps(row), flush=True)
-    fits, estimates = {}, []
-    for name in args.presets:
+    fits = earlier.get("fits", {})
+    names = list(dict.fromkeys([*args.presets, *(k.split("/")[0] for k in fits)]))
+    for name in names:
         shape = {k: v for k, v in PRESETS[name].items() if k != "max_position_embeddings"}
-        for kind in ("spiking", "ann"):
+        for kind in args.kinds if name in args.presets else ():
+            if f"{name}/{kind}" in fits:
+                continue
             ts = PRESET_TS if kind == "spiking" else (0,)
             cases = [{"kind": kind, "shape": shape, "seq": n, "time_steps": t, "batch": 1, "layers": layers,
                       "checkpointing": False, "spad": True} for layers in (1, 2) for n in PRESET_SEQS for t in ts]
             rows = in_subprocess({"cases": cases})
             fits[f"{name}/{kind}"] = {"points": rows, **fit(rows)}
-            estimates.append(estimate(name, shape, kind, fits[f"{name}/{kind}"], backward_factor(sweep, kind)))
-            print(json.dumps(estimates[-1]), flush=True)
-    result = {"benchmark": "memory", "command": "OMP_NUM_THREADS=1 python benchmarks/memory.py",
+            print(json.dumps(fits[f"{name}/{kind}"]), flush=True)
+    estimates = [estimate(key.split("/")[0], {k: v for k, v in PRESETS[key.split("/")[0]].items()
+                                              if k != "max_position_embeddings"}, key.split("/")[1], value,
+                          backward_factor(sweep, key.split("/")[1]))
+                 for key, value in fits.items() if key.split("/")[0] != "opt-1.3b"]
+    factor = backward_factor(sweep, "spiking")
+    fsdp = []
+    for name in FSDP_RECIPES:
+        if f"{name}/spiking" not in fits:
+            continue
+        shape = {k: v for k, v in PRESETS[name].items() if k != "max_position_embeddings"}
+        fsdp.append(fsdp_estimate(name, shape, fits[f"{name}/spiking"], factor))
+        if name == "opt-1.3b":
+            fsdp.append(fsdp_estimate(name, shape, fits[f"{name}/spiking"], factor, time_steps=4))
+        print(json.dumps(fsdp[-1]), flush=True)
+    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/memory.py", *sys.argv[1:]]).strip()
+    if args.reuse:
+        command = f"{earlier.get('command', '')}; then {command}"
+    result = {"benchmark": "memory", "command": command,
               "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                           "torch": torch.__version__},
               "base": {**BASE, **SMALL}, "sweep": sweep, "fits": fits,
-              "target": {**TARGET, "gpu_bytes": GPU_BYTES}, "estimates": estimates,
+              "target": {**TARGET, "gpu_bytes": GPU_BYTES}, "estimates": estimates, "fsdp_estimates": fsdp,
               "wall_s": round(time.time() - started, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

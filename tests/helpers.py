@@ -5,6 +5,7 @@ it, and the packed engine run against the PyTorch model token by token."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
@@ -207,3 +209,23 @@ def engine_and_model(model: BiSpikCLMForCausalLM, ids: torch.Tensor, prefill: in
         steps.append(engine.forward(chunk, cache, all_logits=True, record=records[-1]))
     ours = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
     return ours, theirs, torch.cat(steps), logits
+
+
+# ---- real small file systems for the fault tests ------------------------------------------------------------------
+
+def mount(*options: str, target: Path) -> bool:
+    return os.geteuid() == 0 and subprocess.run(["mount", *options, str(target)], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def tmpfs(target: Path, size: str = "16m"):
+    """A real tmpfs of ``size`` at ``target`` (skips where this machine cannot mount one); unmounted after."""
+    target.mkdir(parents=True, exist_ok=True)
+    if not mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", target=target):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield target
+    finally:
+        if subprocess.run(["umount", str(target)]).returncode:
+            subprocess.run(["umount", "-l", str(target)], check=True)
+            raise AssertionError(f"{target} was still in use")

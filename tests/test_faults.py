@@ -26,7 +26,7 @@ from bispikclm.cli import main
 from bispikclm.errors import UserError
 from bispikclm.runfolder import (LOCK, Interrupted, RunFolderBusy, RunLock, WriteFailed, check_manifest, committing,
                                  load_state, save_state, write_manifest)
-from helpers import REPO, cli, cli_command, make_teacher, make_tokenizer, write_recipe
+from helpers import REPO, cli, cli_command, make_teacher, make_tokenizer, mount, tmpfs, write_recipe
 
 STEPS = 60
 
@@ -229,24 +229,6 @@ def test_two_processes_agree_on_a_signal_to_one_and_on_the_checkpoint_to_resume(
 
 # ---- full and read-only disks ---------------------------------------------------------------------------------------
 
-def _mount(*options: str, target: Path) -> bool:
-    return os.geteuid() == 0 and subprocess.run(["mount", *options, str(target)], capture_output=True).returncode == 0
-
-
-@contextlib.contextmanager
-def tmpfs(target: Path, size: str = "16m"):
-    """A real tmpfs of ``size`` at ``target`` (skips where this machine cannot mount one); unmounted after."""
-    target.mkdir(parents=True, exist_ok=True)
-    if not _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", target=target):
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield target
-    finally:
-        if subprocess.run(["umount", str(target)]).returncode:
-            subprocess.run(["umount", "-l", str(target)], check=True)
-            raise AssertionError(f"{target} was still in use")
-
-
 def stop_outside(proc: subprocess.Popen, folder: Path) -> None:
     """SIGSTOP ``proc`` at a moment it has no file under ``folder`` open (a file open for writing would keep the
     file system from being remounted read-only)."""
@@ -280,7 +262,7 @@ def test_a_full_or_read_only_disk_ends_in_one_line_and_keeps_what_was_written(se
             wait_until(lambda: any(disk.glob("step-*")), proc)
             stop_outside(proc, disk)
             option = "remount,ro" if how == "read-only" else f"remount,size={used_bytes(disk) + 64 * 1024}"
-            assert _mount("-o", option, target=disk)
+            assert mount("-o", option, target=disk)
         finally:
             proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=120)

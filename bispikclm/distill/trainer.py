@@ -27,6 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .. import runfolder
 from ..errors import UserError
 from ..validation import check_types, need
+from . import sharded
 from .losses import DEFAULT_WEIGHTS, RATE_TARGETS, SpADLoss, SpikeCostLoss
 from .teacher import teacher_forward
 
@@ -503,16 +504,24 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoints"
 
+    #: under fsdp, checkpoints hold each process's shards (:mod:`.sharded`); False gathers the full state on the
+    #: main process instead (the format benchmarks/fsdp_checkpoint.py compares it with)
+    sharded_checkpoints = True
+
     def save_checkpoint(self) -> None:
         """Every process calls it; the main one writes ``checkpoints/step-<n>/``: weights (``model.safetensors``),
         optimizer, scheduler, SpAD projectors and RNG (``state.safetensors``, no pickle), step, early-stopping
         state and config fingerprint (``trainer_state.json``), with a manifest of sizes and sha256, fsynced and
         renamed into place (:func:`bispikclm.runfolder.committing`); then ``checkpoints/latest`` names it and the
-        oldest beyond ``keep_checkpoints`` are removed. A failed write is a one-line error on every process, the
-        earlier checkpoints kept."""
+        oldest beyond ``keep_checkpoints`` are removed. Under fsdp every process writes its shards of the weights
+        and of AdamW's moments into the folder first (``shards/``, :mod:`.sharded`), which the manifest covers.
+        A failed write is a one-line error on every process, the earlier checkpoints kept."""
         self.accelerator.wait_for_everyone()
-        weights, optimizer = self.full_weights(), self.optimizer_state()
-        runfolder.on_main_process(lambda: self._write_checkpoint(weights, optimizer))
+        if self.fsdp and self.sharded_checkpoints:
+            self._save_sharded()
+        else:
+            weights, optimizer = self.full_weights(), self.optimizer_state()
+            runfolder.on_main_process(lambda: self._write_checkpoint(weights, optimizer))
         self._saved_step = self.step
 
     def optimizer_state(self) -> dict:
@@ -524,24 +533,68 @@ class Trainer:
         return get_optimizer_state_dict(self.model, self.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def _write_checkpoint(self, weights: dict[str, torch.Tensor] | None, optimizer: dict) -> None:
-        final = self.checkpoint_dir / f"step-{self.step:08d}"
-        kept = f"; the earlier checkpoints in {self.checkpoint_dir} are kept"
-        with runfolder.committing(final, f"checkpoint {final}", kept) as tmp:
+    def _checkpoint_names(self) -> tuple[Path, str]:
+        return self.checkpoint_dir / f"step-{self.step:08d}", f"; the earlier checkpoints in {self.checkpoint_dir} are kept"
+
+    def _fill_checkpoint(self, tmp: Path, weights: dict[str, torch.Tensor] | None, optimizer: dict) -> None:
+        """The main process's files of a checkpoint: weights (unless sharded), state and trainer state."""
+        if weights is not None or not self.fsdp:
             self._save_weights(weights, tmp / "model.safetensors")
-            runfolder.save_state({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                                  "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
-                                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                                 tmp / "state.safetensors")
-            state = {"step": self.step, "skipped": self.skipped, "fingerprint": self.fingerprint,
-                     "best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
-                     "evals_since_best": self.evals_since_best, "stopped": self.stopped}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        runfolder.save_state({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                              "spad": self.spad.state_dict(), "rng": torch.get_rng_state(),
+                              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                             tmp / "state.safetensors")
+        state = {"step": self.step, "skipped": self.skipped, "fingerprint": self.fingerprint,
+                 "best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
+                 "evals_since_best": self.evals_since_best, "stopped": self.stopped}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    def _publish_checkpoint(self, final: Path) -> None:
+        """``checkpoints/latest`` names the complete checkpoint ``final``; the oldest beyond ``keep_checkpoints``
+        go."""
         with runfolder.writing(f"{self.checkpoint_dir / 'latest'}", f"; checkpoint {final} is complete"):
             runfolder.write_file(self.checkpoint_dir / "latest", final.name)
             for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old)
             self._prune_best()
+
+    def _write_checkpoint(self, weights: dict[str, torch.Tensor] | None, optimizer: dict) -> None:
+        final, kept = self._checkpoint_names()
+        with runfolder.committing(final, f"checkpoint {final}", kept) as tmp:
+            self._fill_checkpoint(tmp, weights, optimizer)
+        self._publish_checkpoint(final)
+
+    def _save_sharded(self) -> None:
+        """A sharded checkpoint: the main process makes the temporary folder, every process writes its shards into
+        it, the main process adds its files, seals the folder (manifest, fsync, rename) and names it in ``latest``.
+        A failure on any process removes the temporary folder and is the same one-line error on every process."""
+        final, kept = self._checkpoint_names()
+        tmp, what = runfolder.temporary_folder(final), f"checkpoint {final}"
+
+        def prepare() -> None:
+            with runfolder.writing(what, kept):
+                runfolder.discard(tmp)
+                tmp.mkdir(parents=True)
+
+        def finish(rest: dict) -> None:
+            with runfolder.writing(what, kept):
+                try:
+                    self._fill_checkpoint(tmp, None, rest)
+                    runfolder.seal(tmp, final)
+                except BaseException:
+                    runfolder.discard(tmp)
+                    raise
+            self._publish_checkpoint(final)
+
+        runfolder.on_main_process(prepare)
+        model = self.accelerator.unwrap_model(self.model)
+        try:
+            rest = sharded.save(self.model, self.optimizer, tmp, tied_weights(model), what, kept)
+        except runfolder.WriteFailed:
+            if self.accelerator.is_main_process:
+                runfolder.discard(tmp)
+            raise
+        runfolder.on_main_process(lambda: finish(rest))
 
     @staticmethod
     def _check_checkpoint(folder: Path) -> str | None:
@@ -557,7 +610,14 @@ class Trainer:
             return "trainer_state.json is missing"
         except (OSError, ValueError, KeyError, TypeError):
             return "trainer_state.json is unreadable"
-        for name in ("model.safetensors", "state.safetensors"):
+        names = ["state.safetensors"]
+        if (folder / sharded.SHARDS).is_dir():
+            reason = sharded.check(folder)
+            if reason:
+                return reason
+        else:
+            names.insert(0, "model.safetensors")
+        for name in names:
             try:
                 with safe_open(str(folder / name), framework="pt") as f:
                     if name == "state.safetensors" and "structure" not in (f.metadata() or {}):
@@ -600,7 +660,7 @@ class Trainer:
             model = self.accelerator.unwrap_model(self.model)
             for name, source in tied_weights(model).items():
                 weights[name] = weights[source]
-            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
             return
         device = self.accelerator.device      # "cpu:0" under several CPU processes, a name safetensors refuses
         load_model(self.accelerator.unwrap_model(self.model), str(path),
@@ -617,13 +677,19 @@ class Trainer:
         state = json.loads((folder / "trainer_state.json").read_text())
         try:
             extra = runfolder.load_state(folder / "state.safetensors")
-            self._load_weights(folder / "model.safetensors")
-            if self.fsdp:
+            if (folder / sharded.SHARDS).is_dir():
+                if not self.fsdp:
+                    raise ValueError("it holds the shards of a sharded run; resume it with train.fsdp: true")
+                sharded.load(self.model, self.optimizer, folder, extra["optimizer"],
+                             tied_weights(self.accelerator.unwrap_model(self.model)))
+            elif self.fsdp:
+                self._load_weights(folder / "model.safetensors")
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
                 set_optimizer_state_dict(self.model, self.optimizer, extra["optimizer"],
                                          options=StateDictOptions(full_state_dict=True))
             else:
+                self._load_weights(folder / "model.safetensors")
                 self.optimizer.load_state_dict(extra["optimizer"])
             self.scheduler.load_state_dict(extra["scheduler"])
             self.spad.load_state_dict(extra["spad"])
