@@ -314,7 +314,7 @@ def main() -> None:
             ts = PRESET_TS if kind == "spiking" else (0,)
             cases = [{"kind": kind, "shape": shape, "seq": n, "time_steps": t, "batch": 1, "layers": layers,
                       "checkpointing": False, "spad": True} for layers in (1, 2) for n in PRESET_SEQS for t in ts]
-            rows = in_subprocess({"cases": cases})
+            rows = [in_subprocess({"cases": [case]})[0] for case in cases]    # a process each: memory is freed
             fits[f"{name}/{kind}"] = {"points": rows, **fit(rows)}
             print(json.dumps(fits[f"{name}/{kind}"]), flush=True)
     estimates = [estimate(key.split("/")[0], {k: v for k, v in PRESETS[key.split("/")[0]].items()

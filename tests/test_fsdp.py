@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bispikclm.runfolder import check_manifest
@@ -46,7 +47,9 @@ def sharded_run(root, recipe) -> Path:
 def setup(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     teacher = make_teacher("opt", root / "opt", make_tokenizer(data_dir, root / "tok"))
-    return root, write_recipe(root / "fsdp.yaml", teacher, data_dir, tokens=4 * 32 * STEPS, save_every=2)
+    # early stopping that never stops: the final model is the best weights, loaded back into the shards first
+    return root, write_recipe(root / "fsdp.yaml", teacher, data_dir, tokens=4 * 32 * STEPS, save_every=2,
+                              eval_every=2, early_stopping=100)
 
 
 def test_sharded_training_matches_one_process_and_data_parallel(setup):
@@ -61,13 +64,19 @@ def test_sharded_training_matches_one_process_and_data_parallel(setup):
     assert list(a) == list(b) == list(c) == list(range(1, STEPS + 1))
     assert all(abs(a[k] - c[k]) <= 1e-5 and abs(b[k] - c[k]) <= 1e-5 for k in a), (a, b, c)
     assert c[STEPS] < c[1]
-    model = AutoModelForCausalLM.from_pretrained(str(root / "fsdp" / "model"))
+    model, info = AutoModelForCausalLM.from_pretrained(str(root / "fsdp" / "model"), output_loading_info=True)
+    assert not any(info.values()), info        # every weight there (the tied head from the embedding), no others
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
     reference = AutoModelForCausalLM.from_pretrained(str(root / "one" / "model"))
     ours, theirs = model.state_dict(), reference.state_dict()
     assert type(model).__name__ == "BiSpikCLMForCausalLM" and ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-3, atol=1e-5) for k in ours)
-    # the checkpoints hold one file of shards per process (no gathered weights), all under the manifest
+    # the final model is the best weights (tied ones stored once), gathered again after a strict load into the shards
     last = root / "fsdp" / "checkpoints" / f"step-{STEPS:08d}"
+    best = json.loads((last / "trainer_state.json").read_text())["best_step"]
+    kept = load_file(str(root / "fsdp" / "best" / f"step-{best:08d}" / "model.safetensors"))
+    assert kept.keys() < ours.keys() and all(torch.equal(ours[k], v) for k, v in kept.items()), best
+    # the checkpoints hold one file of shards per process (no gathered weights), all under the manifest
     shards = sorted(p.name for p in (last / "shards").iterdir())
     assert len(shards) == 2 and all(n.endswith(".safetensors") for n in shards), shards
     assert not (last / "model.safetensors").exists() and check_manifest(last) is None
