@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from bispikclm.cli import main
+from bispikclm.errors import UserError
 from bispikclm.runfolder import load_state
 from helpers import cli, cli_command, make_teacher, make_tokenizer, write_recipe
 
@@ -354,12 +355,16 @@ def test_teacher_dtype_is_pinned(setup, tmp_path, capsys):
     assert "train.teacher_dtype must be one of" in error_line(capsys)
 
 
-def test_shipped_recipes_have_valid_train_sections():
+def test_shipped_recipes_have_valid_train_sections(monkeypatch):
     from bispikclm.distill import TrainConfig
     from bispikclm.recipes import RECIPES, load_recipe
 
     names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
     assert {"opt-125m", "opt-1.3b", "smollm2-135m", "quickstart"} <= set(names)
+    with pytest.raises(UserError, match="train.fsdp needs torch.distributed: launch with torchrun"):
+        TrainConfig.from_dict(load_recipe("opt-1.3b")["train"])     # sharded: refused outside torchrun
+    monkeypatch.setenv("WORLD_SIZE", "8")                           # as torchrun --nproc_per_node 8 sets it
     for name in names:
         config = TrainConfig.from_dict(load_recipe(name)["train"])
         assert config.batch_size % (config.micro_batch_size or config.batch_size) == 0, name
+    assert TrainConfig.from_dict(load_recipe("opt-1.3b")["train"]).fsdp
