@@ -534,7 +534,9 @@ class Trainer:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _checkpoint_names(self) -> tuple[Path, str]:
-        return self.checkpoint_dir / f"step-{self.step:08d}", f"; the earlier checkpoints in {self.checkpoint_dir} are kept"
+        """The folder of this step's checkpoint, and what a failed write of it says is kept."""
+        kept = f"; the earlier checkpoints in {self.checkpoint_dir} are kept"
+        return self.checkpoint_dir / f"step-{self.step:08d}", kept
 
     def _fill_checkpoint(self, tmp: Path, weights: dict[str, torch.Tensor] | None, optimizer: dict) -> None:
         """The main process's files of a checkpoint: weights (unless sharded), state and trainer state."""
