@@ -169,7 +169,8 @@ def main() -> None:
                 rows.append(run_case(size, fmt, world, port))
                 print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "fsdp_checkpoint",
-              "command": "OMP_NUM_THREADS=1 nice -n 10 python benchmarks/fsdp_checkpoint.py " + " ".join(sys.argv[1:]),
+              "command": " ".join(["OMP_NUM_THREADS=1 nice -n 10 python benchmarks/fsdp_checkpoint.py",
+                                  *sys.argv[1:]]),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "load_average_at_start": os.getloadavg()},
               "sizes": {k: SIZES[k] for k in args.sizes}, "cases": rows, "summary": summary(rows),
