@@ -27,12 +27,14 @@ from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..neurons import LIFNeuron
 from ..spike_ops import SpikeLinear
-from . import kernels, reference
+from . import dense, kernels, reference
 from numba.typed import List
 
 from .packing import head_nibbles, int_weights, pack_nibbles, quantize_, unpack, weight_bits, words
 
 BACKENDS: dict[str, ModuleType] = {"numba": kernels, "reference": reference}
+PREFILL = ("dense", "events")
+DENSE_MIN_TOKENS = 8     # prompts this long run the dense prefill (below, the one-call path is faster)
 
 
 @dataclass
@@ -194,12 +196,18 @@ class PackedEngine:
         bits: with ``int8``, the width of the blocks' weights: 8 (int8 rows) or 4 (two 4-bit values per byte).
         fused: with the Numba backend, run every block of a forward pass in one compiled call (default); False
             runs one kernel call at a time (the reference of the one call; same bits).
+        prefill: with integer weights and the Numba backend, how prompts of at least ``DENSE_MIN_TOKENS`` tokens
+            run: ``"dense"`` (default), all tokens of a block at once, the linear layers as one dense integer
+            product of the 0/1 spikes and the weights (:mod:`bispikclm.engine.dense`); ``"events"``, the
+            event-driven path (its reference; same bits).
     """
 
     def __init__(self, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba", bits: int = 8,
-                 fused: bool = True) -> None:
+                 fused: bool = True, prefill: str = "dense") -> None:
         if backend not in BACKENDS:
             raise UserError(f"unknown engine backend {backend!r} (known: {sorted(BACKENDS)})")
+        if prefill not in PREFILL:
+            raise UserError(f"unknown prefill {prefill!r} (known: {', '.join(PREFILL)})")
         if bits not in (8, 4):
             raise UserError(f"the engine's weights are 8 or 4 bits wide, got bits={bits}")
         self.model = model.eval()
@@ -242,21 +250,22 @@ class PackedEngine:
         elif head_bits == 4:
             self.head_nibbles = head_nibbles(model.lm_head)
         self.fused = FusedPlan(self.blocks, cfg) if fused and self.ops is kernels else None
+        self.dense = int8 and prefill == "dense" and self.ops is kernels
 
     @classmethod
     def from_model(cls, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba", bits: int = 8,
-                   fused: bool = True) -> "PackedEngine":
+                   fused: bool = True, prefill: str = "dense") -> "PackedEngine":
         """An engine on ``model``'s weights (see the class for the arguments)."""
-        return cls(model, int8=int8, backend=backend, bits=bits, fused=fused)
+        return cls(model, int8=int8, backend=backend, bits=bits, fused=fused, prefill=prefill)
 
     @classmethod
-    def from_pretrained(cls, path: str, int8: bool = False, int8_head: bool = False,
-                        backend: str = "numba", bits: int = 8, fused: bool = True) -> "PackedEngine":
+    def from_pretrained(cls, path: str, int8: bool = False, int8_head: bool = False, backend: str = "numba",
+                        bits: int = 8, fused: bool = True, prefill: str = "dense") -> "PackedEngine":
         """An engine for a saved checkpoint; with ``int8`` the model is quantized first to ``bits`` (its head too
         with ``int8_head``)."""
         model = BiSpikCLMForCausalLM.from_pretrained(path, dtype=torch.float32)
         return cls(quantize_(model, head=int8_head, bits=bits) if int8 else model, int8=int8, backend=backend,
-                   bits=bits, fused=fused)
+                   bits=bits, fused=fused, prefill=prefill)
 
     def new_cache(self, max_length: int | None = None) -> PackedCache:
         """An empty cache for up to ``max_length`` positions (default: ``max_position_embeddings``)."""
@@ -269,21 +278,21 @@ class PackedEngine:
         self.ops.lif(current, neuron.beta, neuron.threshold, neuron.initial, neuron.count, spikes)
         return spikes
 
-    def _current(self, inputs: np.ndarray, layer: PackedLinear, counts: bool = False) -> np.ndarray:
+    def _current(self, inputs: np.ndarray, layer: PackedLinear, ops: ModuleType, counts: bool = False
+                 ) -> np.ndarray:
         current = np.empty(inputs.shape[:2] + (layer.bias.shape[0],), np.float32)
-        (self.ops.linear_counts if counts else self.ops.linear_spikes)(inputs, layer.weight, layer.bias,
-                                                                       layer.scale, current)
+        (ops.linear_counts if counts else ops.linear_spikes)(inputs, layer.weight, layer.bias, layer.scale, current)
         return current
 
-    def _ffn(self, b: np.ndarray, block: PackedBlock) -> dict[str, np.ndarray]:
+    def _ffn(self, b: np.ndarray, block: PackedBlock, ops: ModuleType) -> dict[str, np.ndarray]:
         """The SFFN's spikes by neuron path (``ffn.out_neuron`` last) for its input spikes ``b``. Gated: the gate
         and up currents come from one pass over ``b``; ``select`` zeroes the up current where the gate did not
         fire before the hidden neuron, ``and`` ANDs the gate and hidden spikes (``ffn.hidden`` holds what the
         down projection receives)."""
-        current, neurons, f = self._current(b, block.ffn_in), block.neurons, self.config.ffn_dim
+        current, neurons, f = self._current(b, block.ffn_in, ops), block.neurons, self.config.ffn_dim
         if not self.gated:
             h = self._lif(current, neurons["ffn.hidden_neuron"])
-            return {"ffn.hidden_neuron": h, "ffn.out_neuron": self._lif(self._current(h, block.ffn_out),
+            return {"ffn.hidden_neuron": h, "ffn.out_neuron": self._lif(self._current(h, block.ffn_out, ops),
                                                                         neurons["ffn.out_neuron"])}
         gate = self._lif(np.ascontiguousarray(current[..., :f]), neurons["ffn.gate_neuron"])
         up = np.ascontiguousarray(current[..., f:])
@@ -293,7 +302,7 @@ class PackedEngine:
         else:
             h = self._lif(up, neurons["ffn.hidden_neuron"])
             hidden = gate & h
-        out = self._lif(self._current(hidden, block.ffn_out), neurons["ffn.out_neuron"])
+        out = self._lif(self._current(hidden, block.ffn_out, ops), neurons["ffn.out_neuron"])
         return {"ffn.gate_neuron": gate, "ffn.hidden_neuron": h, "ffn.hidden": hidden, "ffn.out_neuron": out}
 
     @torch.no_grad()
@@ -313,7 +322,12 @@ class PackedEngine:
         positions = torch.arange(past, past + n)
         x0 = self.model.model.embed(ids[None], positions[None])[0].float().numpy()
         x = np.ascontiguousarray(np.broadcast_to(x0[:, None], (n, cfg.time_steps, cfg.hidden_size)))
-        (self._blocks_fused if self.fused is not None else self._blocks)(x, cache, past, record)
+        if self.dense and n >= DENSE_MIN_TOKENS:
+            self._blocks(x, cache, past, record, dense)
+        elif self.fused is not None:
+            self._blocks_fused(x, cache, past, record)
+        else:
+            self._blocks(x, cache, past, record, self.ops)
         cache.length = past + n
         return self._head(x if all_logits else x[-1:], record)[slice(None) if all_logits else -1]
 
@@ -333,14 +347,15 @@ class PackedEngine:
                     record[f"model.layers.{i}.{name}"] = unpack(spikes[i, slot], self._width(name))
             record[f"model.layers.{i}.self_attn.out_proj"] = counts[i]
 
-    def _blocks(self, x: np.ndarray, cache: PackedCache, past: int, record: dict | None) -> None:
-        """Every block, one kernel call at a time (``self.ops``): the reference of :meth:`_blocks_fused`."""
+    def _blocks(self, x: np.ndarray, cache: PackedCache, past: int, record: dict | None, ops: ModuleType) -> None:
+        """Every block, one kernel call at a time: the reference of :meth:`_blocks_fused` (``ops`` the engine's
+        kernels), or the dense prefill (``ops`` :mod:`bispikclm.engine.dense`)."""
         cfg, n = self.config, x.shape[0]
         splits = np.cumsum([0, self.q_size, self.kv_size, self.kv_size])
         for i, block in enumerate(self.blocks):
             neurons = block.neurons
             a = self._lif(x.copy(), neurons["attn_in_neuron"])
-            qkv = self._current(a, block.qkv)
+            qkv = self._current(a, block.qkv, ops)
             q, k, v = (self._lif(np.ascontiguousarray(qkv[..., lo:hi]), neurons[f"self_attn.{name}_neuron"])
                        for lo, hi, name in zip(splits[:-1], splits[1:], "qkv"))
             cache.keys[i, :, past:past + n] = k.transpose(1, 0, 2)
@@ -350,10 +365,10 @@ class PackedEngine:
             self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads, cfg.key_value_heads,
                           self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, attn.initial,
                           attn.count, counts)
-            y = self._lif(self._current(counts, block.out, counts=True), neurons["self_attn.out_neuron"])
+            y = self._lif(self._current(counts, block.out, ops, counts=True), neurons["self_attn.out_neuron"])
             self.ops.residual_add(x, y, block.attn_residual_scale)
             b = self._lif(x.copy(), neurons["ffn_in_neuron"])
-            ffn = self._ffn(b, block)
+            ffn = self._ffn(b, block, ops)
             self.ops.residual_add(x, ffn["ffn.out_neuron"], block.ffn_residual_scale)
             if record is not None:
                 spikes = {"attn_in_neuron": a, "self_attn.q_neuron": q, "self_attn.k_neuron": k,
