@@ -352,8 +352,7 @@ def test_generate_compare_prints_student_and_teacher_side_by_side(tokenizer, tes
     assert main(["generate", str(student), "--compare", str(teacher), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
     args = Namespace(engine=None, int8=False, int8_head=False, bits=8, temperature=0.0, top_k=None, seed=0,
-                     tokenizer=None,
-                     max_new_tokens=8)
+                     tokenizer=None, max_new_tokens=8)
     rows = continuations([str(student), str(teacher)], prompt, args)
     assert [row["engine"] for row in rows] == ["packed", "torch"]
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
