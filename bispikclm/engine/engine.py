@@ -22,14 +22,13 @@ from types import ModuleType
 
 import numpy as np
 import torch
+from numba.typed import List
 
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..neurons import LIFNeuron
 from ..spike_ops import SpikeLinear
 from . import dense, kernels, reference
-from numba.typed import List
-
 from .packing import head_nibbles, int_weights, pack_nibbles, quantize_, unpack, weight_bits, words
 
 BACKENDS: dict[str, ModuleType] = {"numba": kernels, "reference": reference}
