@@ -105,10 +105,11 @@ def engine_run(engine: PackedEngine, prompt: list[int], decode: list[int]) -> tu
 
 
 def profile(engine: PackedEngine, prompt: list[int], decode: list[int]) -> dict[str, float]:
-    """Milliseconds per decoded token by component."""
+    """Milliseconds per decoded token by component, on the per-kernel path (the one-call path has no calls to
+    time one by one)."""
     totals: dict[str, float] = defaultdict(float)
-    ops, head = engine.ops, engine._head
-    engine.ops = TimedOps(ops, totals)
+    ops, head, fused = engine.ops, engine._head, engine.fused
+    engine.ops, engine.fused = TimedOps(ops, totals), None
 
     def timed_head(*args):
         start = time.perf_counter()
@@ -124,7 +125,7 @@ def profile(engine: PackedEngine, prompt: list[int], decode: list[int]) -> dict[
     for token in decode:
         engine.forward([token], cache)
     total = time.perf_counter() - start
-    engine.ops, engine._head = ops, head
+    engine.ops, engine._head, engine.fused = ops, head, fused
     totals.pop("head kernel", None)   # inside the head's time
     totals["python and copies"] = total - sum(totals.values())
     return {k: round(1e3 * v / len(decode), 3) for k, v in totals.items()}

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.cli import main
-from bispikclm.engine import PackedEngine, kernels, pack, quantize_, reference, spike_agreement
+from bispikclm.engine import PackedEngine, dense, kernels, model_spikes, pack, quantize_, reference, spike_agreement
+from bispikclm.engine.packing import pack_nibbles, unpack_nibbles
 from bispikclm.errors import UserError
 from helpers import engine_and_model, make_tokenizer
 
@@ -90,13 +91,106 @@ def test_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_step
     assert torch.equal(steps.argmax(-1), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("time_steps, overrides", [
+    (2, {}), (2, dict(LLAMA, spiking_head=True, **LEARNED)), (4, dict(LLAMA, ffn_gate="and", **LEARNED)),
+    (2, dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True))])
+def test_4bit_spikes_agree_with_the_model_on_wikitext(tokenizer, test_text, time_steps, overrides):
+    """4-bit rows and a 4-bit head: the engine and the PyTorch model quantized alike, spike for spike."""
+    model = quantize_(make_model(time_steps=time_steps, **overrides), head=True, bits=4)
+    ids = torch.tensor(tokenizer(" ".join(test_text[:4]))["input_ids"][:160])
+    theirs, logits = model_spikes(model, ids)
+    engine = PackedEngine.from_model(model, int8=True, bits=4)
+    assert engine.blocks[0].qkv.weight.dtype == np.uint8                 # two values per byte
+    assert (engine.head_nibbles is not None) == (not model.config.spiking_head)
+    cache, records, steps = engine.new_cache(), [], []
+    for chunk in [ids[:120]] + [ids[i:i + 1] for i in range(120, len(ids))]:
+        records.append({})
+        steps.append(engine.forward(chunk, cache, all_logits=True, record=records[-1]))
+    ours = {k: np.concatenate([r[k] for r in records]) for k in records[0]}
+    assert spike_agreement(ours, theirs) == 1.0
+    torch.testing.assert_close(torch.cat(steps), logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torch.cat(steps).argmax(-1), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("time_steps, overrides", [
+    (2, dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True, relative_surrogate=True)),
+    (2, dict(hidden_size=96, num_attention_heads=2, spiking_head=True)),
+    (2, dict(LLAMA, **LEARNED)), (4, dict(LLAMA, ffn_gate="and", fire="count", initial_membrane=0.5, **LEARNED))])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_one_call_path_gives_the_per_kernel_bits(tokenizer, test_text, time_steps, overrides, bits):
+    """Every block in one compiled call against the same kernels called one at a time (Numba and NumPy): the same
+    spikes, attention counts and logits, bit for bit, through a prefill and decode steps."""
+    model = make_model(time_steps=time_steps, **overrides)
+    if bits:
+        quantize_(model, head=True, bits=bits)
+    ids = torch.tensor(tokenizer(" ".join(test_text[5:8]))["input_ids"][:48])
+    results = []
+    for backend, fused in [("numba", True), ("numba", False), ("reference", False)]:
+        engine = PackedEngine.from_model(model, int8=bits is not None, bits=bits or 8, backend=backend, fused=fused,
+                                         prefill="events")
+        assert (engine.fused is not None) == fused
+        cache, records, logits = engine.new_cache(), [], []
+        for chunk in [ids[:40]] + [ids[i:i + 1] for i in range(40, len(ids))]:
+            records.append({})
+            logits.append(engine.forward(chunk, cache, all_logits=True, record=records[-1]))
+        results.append(({k: np.concatenate([r[k] for r in records]) for k in records[0]}, torch.cat(logits),
+                         cache.keys[:, :, :len(ids)].copy()))
+    (fused, logits, keys), others = results[0], results[1:]
+    assert 0.05 < np.mean([v.mean() for k, v in fused.items() if not k.endswith("out_proj")]) < 0.5
+    for record, other_logits, other_keys in others:
+        assert record.keys() == fused.keys() and all(np.array_equal(record[k], fused[k]) for k in fused)
+        assert torch.equal(other_logits, logits) and np.array_equal(other_keys, keys)
+
+
+@pytest.mark.parametrize("overrides", [dict(per_channel_neurons=True, fire="count", beta=1.0, initial_membrane=0.5),
+                                       dict(LLAMA, **LEARNED), dict(LLAMA, ffn_gate="and")])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dense_prefill_gives_the_event_driven_bits(tokenizer, test_text, overrides, bits):
+    """The batched prefill (dense integer products of the spikes and the weights) against the event-driven one:
+    the same spikes, counts and logits, and the same cache for the decode steps after it."""
+    model = quantize_(make_model(time_steps=2, **overrides), head=True, bits=bits)
+    ids = torch.tensor(tokenizer(" ".join(test_text[:4]))["input_ids"][:130])
+    results = []
+    for prefill in ("dense", "events"):
+        engine = PackedEngine.from_model(model, int8=True, bits=bits, prefill=prefill)
+        cache, record = engine.new_cache(), {}
+        logits = [engine.forward(ids[:128], cache, all_logits=True, record=record)]
+        logits += [engine.forward(ids[i:i + 1], cache, all_logits=True) for i in (128, 129)]
+        results.append((record, torch.cat(logits), cache.keys[:, :, :130].copy()))
+    (ours, logits, keys), (theirs, their_logits, their_keys) = results
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(logits, their_logits) and np.array_equal(keys, their_keys)
+    assert max(v.max() for k, v in ours.items() if k.endswith("out_proj")) > 1      # counts, not only spikes
+
+
+def test_one_call_path_reads_thresholds_set_on_the_engine(tokenizer, test_text):
+    """Thresholds assigned to an engine's neurons (as a firing-rate sweep does) reach the one-call path."""
+    model = quantize_(make_model(time_steps=2), head=True)
+    ids = torch.tensor(tokenizer(" ".join(test_text[:2]))["input_ids"][:32])
+    engines = [PackedEngine.from_model(model, int8=True, fused=fused) for fused in (True, False)]
+    rates = []
+    for engine in engines:
+        for block in engine.blocks:
+            for name, neuron in block.neurons.items():
+                if name != "self_attn.attn_neuron":
+                    neuron.threshold = neuron.threshold * 2
+        record = {}
+        engine.forward(ids, engine.new_cache(), record=record)
+        rates.append(record)
+    assert all(np.array_equal(rates[0][k], rates[1][k]) for k in rates[0])
+    default = {}
+    fresh = PackedEngine.from_model(model, int8=True)
+    fresh.forward(ids, fresh.new_cache(), record=default)
+    assert rates[0]["model.layers.0.ffn.hidden_neuron"].mean() < default["model.layers.0.ffn.hidden_neuron"].mean()
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(LLAMA, **LEARNED)])
-@pytest.mark.parametrize("int8", [False, True])
-def test_greedy_generations_are_identical(tokenizer, test_text, int8, overrides):
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_greedy_generations_are_identical(tokenizer, test_text, bits, overrides):
     model = make_model(time_steps=2, **overrides)
-    if int8:
-        quantize_(model)
-    engine = PackedEngine.from_model(model, int8=int8)
+    if bits:
+        quantize_(model, head=bits == 4, bits=bits)
+    engine = PackedEngine.from_model(model, int8=bits is not None, bits=bits or 8)
     for text in test_text[10:15]:
         prompt = torch.tensor(tokenizer(" ".join(text.split()[:12]))["input_ids"])
         expected = model.generate(prompt[None], max_new_tokens=20, do_sample=False, eos_token_id=None,
@@ -105,6 +199,9 @@ def test_greedy_generations_are_identical(tokenizer, test_text, int8, overrides)
 
 
 def random_linear(rng, n_in, n_out, int8):
+    if int8 == 4:                 # 4-bit rows, two values per byte
+        return (pack_nibbles(rng.integers(-7, 8, (n_in, n_out))), rng.integers(-99, 99, n_out).astype(np.int32),
+                np.exp2(rng.integers(-9, -5, n_out)).astype(np.float32))
     if int8:
         return (rng.integers(-127, 128, (n_in, n_out)).astype(np.int8), rng.integers(-999, 999, n_out).astype(np.int32),
                 np.exp2(rng.integers(-9, -5, n_out)).astype(np.float32))
@@ -112,20 +209,25 @@ def random_linear(rng, n_in, n_out, int8):
         np.ones(n_out, np.float32)
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, True, 4])
 @pytest.mark.parametrize("time_steps", [1, 2, 4])
 def test_fast_path_gives_the_reference_bits(int8, time_steps):
     rng = np.random.default_rng(time_steps)
     n, d, heads, past = 7, 160, 5, 9                   # head_dim 32: heads straddle 64-bit words
-    for n_in, n_out in [(160, 600), (600, 160)]:
+    for n_in, n_out in [(160, 600), (600, 160), (160, 75)]:
         weight, bias, scale = random_linear(rng, n_in, n_out, int8)
         spikes = pack(rng.random((n, time_steps, n_in)) < 0.3)
         counts = rng.integers(0, 4, (n, time_steps, n_in)).astype(np.int32) * (rng.random((n, time_steps, n_in)) < 0.5)
-        for name, inputs in [("linear_spikes", spikes), ("linear_counts", counts)]:
+        large = counts * rng.integers(1, 40000, counts.shape).astype(np.int32)   # several base-128 digits
+        for name, inputs in [("linear_spikes", spikes), ("linear_counts", counts), ("linear_counts", large)]:
             fast, ref = (np.empty((n, time_steps, n_out), np.float32) for _ in range(2))
             getattr(kernels, name)(inputs, weight, bias, scale, fast)
             getattr(reference, name)(inputs, weight, bias, scale, ref)
             assert np.array_equal(fast, ref), name
+            if int8:                  # the batched prefill: a dense integer product, the same sums
+                batched = np.empty_like(ref)
+                getattr(dense, name)(inputs, weight, bias, scale, batched)
+                assert np.array_equal(batched, ref), name
     current = rng.standard_normal((n, time_steps, d)).astype(np.float32) * 2
     gain = rng.standard_normal(d).astype(np.float32)
     thresholds = (0.9, rng.uniform(0.5, 1.5, d).astype(np.float32))       # one, or one per channel
@@ -163,6 +265,15 @@ def test_fast_path_gives_the_reference_bits(int8, time_steps):
     kernels.head_int8(h, weight, scale, fast)
     reference.head_int8(h, weight, scale, ref)
     assert np.array_equal(fast, ref)
+    values = rng.integers(-7, 8, (d, 3001))
+    scale = rng.uniform(0.5, 2, (d // 32, 3001)).astype(np.float32)
+    fast, ref = (np.empty((2, 3001), np.float32) for _ in range(2))
+    kernels.head_nibbles(h, pack_nibbles(values), scale, fast)
+    reference.head_nibbles(h, pack_nibbles(values), scale, ref)
+    assert np.array_equal(fast, ref)
+    direct = (h[:, :, None] * values[None] * np.repeat(scale, 32, axis=0)[None]).sum(1)
+    np.testing.assert_allclose(fast, direct, rtol=1e-4, atol=1e-3)
+    assert np.array_equal(unpack_nibbles(pack_nibbles(values), 3001), values)
 
 
 def test_int8_engine_needs_a_quantized_model_and_quantizing_is_idempotent():
@@ -177,6 +288,22 @@ def test_int8_engine_needs_a_quantized_model_and_quantizing_is_idempotent():
     step = torch.exp2(torch.ceil(torch.log2(weight.abs().amax(1, keepdim=True) / 127)))   # a power of two per row
     levels = weight / step
     assert torch.equal(levels, levels.round()) and levels.abs().max() == 127
+    with pytest.raises(UserError, match="bits=4"):        # int8 rows are not 4-bit rows
+        PackedEngine.from_model(model, int8=True, bits=4)
+    model = quantize_(make_model(), head=True, bits=4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_(model, head=True, bits=4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    weight = model.model.layers[0].ffn.fc1.weight.detach()
+    levels = weight / torch.exp2(torch.ceil(torch.log2(weight.abs().amax(1, keepdim=True) / 7)))
+    assert torch.equal(levels, levels.round()) and levels.abs().max() == 7 and len(levels.unique()) == 15
+    head = model.lm_head.weight.detach().reshape(-1, 32)         # groups of 32 inputs, 15 levels each
+    steps = head.abs().amax(1, keepdim=True) / 7
+    assert torch.equal(head / steps, (head / steps).round()) and torch.equal(steps.bfloat16().float(), steps)
+    with pytest.raises(UserError, match="8 or 4"):
+        PackedEngine.from_model(model, int8=True, bits=2)
+    with pytest.raises(UserError, match="bits"):
+        quantize_(model, bits=3)
 
 
 def test_generate_command_streams_the_same_text_from_both_engines(tokenizer, test_text, tmp_path, capsys):
@@ -185,10 +312,14 @@ def test_generate_command_streams_the_same_text_from_both_engines(tokenizer, tes
     prompt = " ".join(test_text[3].split()[:10])
     texts = {}
     for engine in ("torch", "packed"):
-        assert main(["generate", str(tmp_path), "--prompt", prompt, "--engine", engine, "--max-new-tokens", "12",
-                     "--int8"]) == 0
-        texts[engine] = capsys.readouterr().out
-    assert texts["torch"] == texts["packed"] and len(texts["packed"].strip()) > 0
+        for bits in ("8", "4"):
+            assert main(["generate", str(tmp_path), "--prompt", prompt, "--engine", engine, "--max-new-tokens", "12",
+                         "--int8", "--bits", bits]) == 0
+            texts[engine, bits] = capsys.readouterr().out
+    assert texts["torch", "8"] == texts["packed", "8"] and len(texts["packed", "8"].strip()) > 0
+    assert texts["torch", "4"] == texts["packed", "4"] and len(texts["packed", "4"].strip()) > 0
+    assert main(["generate", str(tmp_path), "--prompt", prompt, "--bits", "4"]) == 2
+    assert "--bits needs --int8" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "not a model checkpoint" in capsys.readouterr().err
 
@@ -210,8 +341,8 @@ def test_generate_compare_prints_student_and_teacher_side_by_side(tokenizer, tes
     prompt = " ".join(test_text[3].split()[:10])
     assert main(["generate", str(student), "--compare", str(teacher), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr().out
-    args = Namespace(engine=None, int8=False, int8_head=False, temperature=0.0, top_k=None, seed=0, tokenizer=None,
-                     max_new_tokens=8)
+    args = Namespace(engine=None, int8=False, int8_head=False, bits=8, temperature=0.0, top_k=None, seed=0,
+                     tokenizer=None, max_new_tokens=8)
     rows = continuations([str(student), str(teacher)], prompt, args)
     assert [row["engine"] for row in rows] == ["packed", "torch"]
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="quantize the students' linear layers to int8 (both engines then agree bit for bit)")
     parser.add_argument("--int8-head", action="store_true", help="with --int8, quantize the LM head too")
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=8,
+                        help="with --int8, bits per weight: 8, or 4 (4-bit rows; a 4-bit head with --int8-head)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,9 +56,10 @@ def load(spec: str, args: argparse.Namespace, tokenizer_spec: str | None = None)
                             f"(use --engine torch)")
         return model, tokenizer, "torch"
     if args.int8:
-        quantize_(model, head=args.int8_head)
+        quantize_(model, head=args.int8_head, bits=args.bits)
     engine = args.engine or "packed"
-    return (PackedEngine.from_model(model, int8=args.int8) if engine == "packed" else model), tokenizer, engine
+    return ((PackedEngine.from_model(model, int8=args.int8, bits=args.bits) if engine == "packed" else model),
+            tokenizer, engine)
 
 
 def encode_prompt(tokenizer, prompt: str, positions: int | None = None, new_tokens: int = 0) -> torch.Tensor:
@@ -135,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.int8_head and not args.int8:
-        raise UserError("--int8-head needs --int8")
+    if (args.int8_head or args.bits != 8) and not args.int8:
+        raise UserError(f"{'--int8-head' if args.int8_head else '--bits'} needs --int8")
     if not (args.temperature >= 0 and math.isfinite(args.temperature)) or (args.top_k is not None and args.top_k < 1):
         raise UserError(f"--temperature must be a number >= 0 and --top-k >= 1, got {args.temperature}, {args.top_k}")
     if args.compare and args.temperature > 0:

@@ -9,7 +9,9 @@ Per token and block (``[N, T, ...]`` arrays, spikes packed as in :mod:`bispikclm
     X += g2 * LIF(W2 LIF(W1 LIF(X) + b1) + b2)         # or the gated SFFN: gate and up in one pass
     logits = lm_head(LayerNorm(mean_t X))       # float head (or mean_t lm_head(LIF(X)) with spiking_head)
 
-The embedding and the float head are the PyTorch model's own modules.
+The embedding and the float head are the PyTorch model's own modules. With the Numba backend every block of a
+forward pass runs in one compiled call (:func:`bispikclm.engine.kernels.blocks`); ``fused=False`` runs the same
+kernels one call at a time, the reference the one call is tested against.
 """
 
 from __future__ import annotations
@@ -20,31 +22,37 @@ from types import ModuleType
 
 import numpy as np
 import torch
+from numba.typed import List
 
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
 from ..neurons import LIFNeuron
 from ..spike_ops import SpikeLinear
-from . import kernels, reference
-from .packing import int8_weights, is_int8, quantize_, unpack, words
+from . import dense, kernels, reference
+from .packing import head_nibbles, int_weights, pack_nibbles, quantize_, unpack, weight_bits, words
 
 BACKENDS: dict[str, ModuleType] = {"numba": kernels, "reference": reference}
+PREFILL = ("dense", "events")
+DENSE_MIN_TOKENS = 8     # prompts this long run the dense prefill (below, the one-call path is faster)
 
 
 @dataclass
 class PackedLinear:
     """A linear layer for the engine: ``weight`` ``[in, out]`` (rows are inputs), ``bias`` ``[out]`` and
     ``scale`` ``[out]``; currents are ``(bias + sum of weight rows) * scale``. Float32 weights carry a float32
-    bias and a scale of ones; int8 weights an int32 bias on the same power-of-two grid."""
+    bias and a scale of ones; integer weights (int8, or 4-bit rows packed two per byte, ``[in, ceil(out / 2)]``
+    uint8) an int32 bias on the same power-of-two grid."""
 
     weight: np.ndarray
     bias: np.ndarray
     scale: np.ndarray
 
     @classmethod
-    def from_module(cls, linear: torch.nn.Linear, int8: bool, name: str) -> "PackedLinear":
-        if int8 and isinstance(linear, SpikeLinear):
-            return cls(*int8_weights(linear, name))
+    def from_module(cls, linear: torch.nn.Linear, bits: int | None, name: str) -> "PackedLinear":
+        """``bits``: None for float32 weights, 8 or 4 for the integers of :func:`quantize_` (4-bit values are
+        held as int8 here; :meth:`nibbles` packs them)."""
+        if bits is not None and isinstance(linear, SpikeLinear):
+            return cls(*int_weights(linear, name, bits))
         weight = linear.weight.detach().float()
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
         return cls(weight.t().contiguous().numpy(), bias.numpy().copy(), np.ones(weight.shape[0], np.float32))
@@ -56,21 +64,39 @@ class PackedLinear:
         return cls(*(np.ascontiguousarray(np.concatenate(parts, axis=-1))
                      for parts in zip(*((x.weight, x.bias, x.scale) for x in layers))))
 
+    def nibbles(self) -> "PackedLinear":
+        """The same layer with its 4-bit values stored two per byte."""
+        return PackedLinear(pack_nibbles(self.weight), self.bias, self.scale)
+
     @property
     def nbytes_per_row(self) -> int:
         return self.weight.shape[1] * self.weight.itemsize
 
 
-@dataclass
 class Neuron:
     """A LIF neuron as the engine runs it: ``beta`` one float32, ``threshold`` and ``initial`` (the membrane before
-    the first step) one float32 or one per channel, ``count`` the firing mode (``fire="count"``); learned thresholds
-    and leaks are read from the module as the model uses them."""
+    the first step) float32 arrays, one value or one per channel, ``count`` the firing mode (``fire="count"``);
+    learned thresholds and leaks are read from the module as the model uses them. Assigning ``threshold`` or
+    ``initial`` writes into the arrays the engine holds (the one-call path reads them there)."""
 
-    beta: np.float32
-    threshold: np.ndarray
-    initial: np.ndarray
-    count: bool
+    def __init__(self, beta: np.float32, threshold: np.ndarray, initial: np.ndarray, count: bool) -> None:
+        self.beta, self._threshold, self._initial, self.count = beta, threshold, initial, count
+
+    @property
+    def threshold(self) -> np.ndarray:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        self._threshold[...] = value
+
+    @property
+    def initial(self) -> np.ndarray:
+        return self._initial
+
+    @initial.setter
+    def initial(self, value) -> None:
+        self._initial[...] = value
 
     @classmethod
     def of(cls, module: LIFNeuron, channels: int | None = None) -> "Neuron":
@@ -78,7 +104,7 @@ class Neuron:
         at every call."""
         beta, threshold = module.parameters_now()
         initial = module.initial_now(threshold)
-        as_array = lambda v: np.asarray(v.detach().float().numpy() if torch.is_tensor(v) else v, np.float32)  # noqa: E731
+        as_array = lambda v: np.array(v.detach().float().numpy() if torch.is_tensor(v) else v, np.float32)  # noqa: E731
         threshold, initial = as_array(threshold), as_array(initial)
         if channels is not None:
             threshold = np.ascontiguousarray(np.broadcast_to(threshold, (channels,)))
@@ -95,6 +121,48 @@ class PackedBlock:
     attn_residual_scale: np.ndarray
     ffn_residual_scale: np.ndarray
     neurons: dict[str, Neuron]   # by module path inside the block (keys of NEURON_GROUP_OF)
+
+
+# neuron paths inside a block by slot of the one-call path (kernels.ATTN_IN ...)
+SLOT_NAMES = {kernels.ATTN_IN: "attn_in_neuron", kernels.Q: "self_attn.q_neuron", kernels.K: "self_attn.k_neuron",
+              kernels.V: "self_attn.v_neuron", kernels.ATTN: "self_attn.attn_neuron",
+              kernels.OUT: "self_attn.out_neuron", kernels.FFN_IN: "ffn_in_neuron", kernels.GATE: "ffn.gate_neuron",
+              kernels.HIDDEN: "ffn.hidden_neuron", kernels.FFN_OUT: "ffn.out_neuron"}
+
+
+class FusedPlan:
+    """Every block's weights and neurons laid out for :func:`bispikclm.engine.kernels.blocks`: typed lists with
+    ``LINEARS`` weights (and biases, scales) per layer and ``NEURON_SLOTS`` thresholds (and initial membranes)
+    per layer, which hold the blocks' own arrays (no copies), ``betas`` and ``counting`` ``[L, NEURON_SLOTS]``,
+    two residual gains per layer, and the shape ``dims``: one compiled function serves any depth."""
+
+    def __init__(self, blocks: list["PackedBlock"], config) -> None:
+        self.weights, self.biases, self.scales = List(), List(), List()
+        self.thresholds, self.initials, self.gains = List(), List(), List()
+        self.betas = np.zeros((len(blocks), kernels.NEURON_SLOTS), np.float32)
+        self.counting = np.zeros((len(blocks), kernels.NEURON_SLOTS), np.bool_)
+        for i, block in enumerate(blocks):
+            for layer in (block.qkv, block.out, block.ffn_in, block.ffn_out):
+                self.weights.append(layer.weight)
+                self.biases.append(layer.bias)
+                self.scales.append(layer.scale)
+            for slot, name in SLOT_NAMES.items():
+                neuron = block.neurons.get(name)           # no gate neuron in an OPT-style SFFN
+                if neuron is None:
+                    self.thresholds.append(np.zeros(0, np.float32))
+                    self.initials.append(np.zeros(0, np.float32))
+                    continue
+                self.thresholds.append(neuron.threshold.reshape(-1))      # a view: the same memory
+                self.initials.append(neuron.initial.reshape(-1))
+                self.betas[i, slot], self.counting[i, slot] = neuron.beta, neuron.count
+            self.gains.append(block.attn_residual_scale)
+            self.gains.append(block.ffn_residual_scale)
+        head_dim = config.attention_head_dim
+        self.dims = (config.num_attention_heads * head_dim, config.key_value_heads * head_dim, config.ffn_dim,
+                     config.num_attention_heads, config.key_value_heads, head_dim, int(config.ffn_type == "gated"),
+                     int(config.ffn_gate == "and"))
+        self.attn_scale = np.float32(config.effective_attn_scale)
+        self.words = words(max(config.hidden_size, self.dims[0], self.dims[1], config.ffn_dim))
 
 
 class PackedCache:
@@ -118,20 +186,34 @@ class PackedEngine:
 
     Args:
         model: the PyTorch model (its embedding and float head are used as they are).
-        int8: run the linear layers of the blocks on int8 weights; the model must have been quantized with
-            :func:`bispikclm.engine.quantize_`, and then both give the same spikes bit for bit. A head quantized
-            with ``quantize_(model, head=True)`` runs on int8 weights too (float LayerNorm output times int8
-            rows: a quarter of the float head's bytes).
+        int8: run the linear layers of the blocks on integer weights; the model must have been quantized with
+            :func:`bispikclm.engine.quantize_` (with the same ``bits``), and then both give the same spikes bit
+            for bit. A head quantized with ``quantize_(model, head=True)`` runs on its integers too (float
+            LayerNorm output times int8 rows, a quarter of the float head's bytes; or 4-bit rows with a scale
+            per group of 32 inputs, an eighth).
         backend: ``"numba"`` (fast path) or ``"reference"`` (plain NumPy, same results).
+        bits: with ``int8``, the width of the blocks' weights: 8 (int8 rows) or 4 (two 4-bit values per byte).
+        fused: with the Numba backend, run every block of a forward pass in one compiled call (default); False
+            runs one kernel call at a time (the reference of the one call; same bits).
+        prefill: with integer weights and the Numba backend, how prompts of at least ``DENSE_MIN_TOKENS`` tokens
+            run: ``"dense"`` (default), all tokens of a block at once, the linear layers as one dense integer
+            product of the 0/1 spikes and the weights (:mod:`bispikclm.engine.dense`); ``"events"``, the
+            event-driven path (its reference; same bits).
     """
 
-    def __init__(self, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> None:
+    def __init__(self, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba", bits: int = 8,
+                 fused: bool = True, prefill: str = "dense") -> None:
         if backend not in BACKENDS:
             raise UserError(f"unknown engine backend {backend!r} (known: {sorted(BACKENDS)})")
+        if prefill not in PREFILL:
+            raise UserError(f"unknown prefill {prefill!r} (known: {', '.join(PREFILL)})")
+        if bits not in (8, 4):
+            raise UserError(f"the engine's weights are 8 or 4 bits wide, got bits={bits}")
         self.model = model.eval()
         self.config = cfg = model.config
         self.ops = BACKENDS[backend]
         self.int8 = int8
+        self.bits = bits if int8 else None
         self.gated = cfg.ffn_type == "gated"
         self.head_dim = cfg.attention_head_dim
         self.q_size = cfg.num_attention_heads * self.head_dim
@@ -139,7 +221,7 @@ class PackedEngine:
         self.blocks = []
         for i, layer in enumerate(model.model.layers):
             attn, ffn, prefix = layer.self_attn, layer.ffn, f"model.layers.{i}"
-            lin = lambda m, n: PackedLinear.from_module(m, int8, f"{prefix}.{n}")  # noqa: E731
+            lin = lambda m, n: PackedLinear.from_module(m, self.bits, f"{prefix}.{n}")  # noqa: E731
             if self.gated:
                 ffn_in = PackedLinear.concat([lin(ffn.gate_proj, "ffn.gate_proj"), lin(ffn.up_proj, "ffn.up_proj")])
                 ffn_out = lin(ffn.down_proj, "ffn.down_proj")
@@ -153,25 +235,36 @@ class PackedEngine:
                 layer.ffn_residual_scale.detach().float().numpy().copy(),
                 {name: Neuron.of(module, None if name == "self_attn.attn_neuron" else self._width(name))
                  for name, module in layer.named_modules() if isinstance(module, LIFNeuron)}))
+            if bits == 4 and int8:
+                block = self.blocks[-1]
+                block.qkv, block.out = block.qkv.nibbles(), block.out.nibbles()
+                block.ffn_in, block.ffn_out = block.ffn_in.nibbles(), block.ffn_out.nibbles()
         self.head_neuron = Neuron.of(model.head_neuron, cfg.hidden_size) if cfg.spiking_head else None
-        self.head = PackedLinear.from_module(model.lm_head, False, "lm_head") if cfg.spiking_head else None
-        self.head_int8 = None
-        if int8 and not cfg.spiking_head and is_int8(model.lm_head):
-            weight_t, _, scale = int8_weights(model.lm_head, "lm_head")
+        self.head = PackedLinear.from_module(model.lm_head, None, "lm_head") if cfg.spiking_head else None
+        self.head_int8 = self.head_nibbles = None
+        head_bits = weight_bits(model.lm_head, head=True) if int8 and not cfg.spiking_head else None
+        if head_bits == 8:
+            weight_t, _, scale = int_weights(model.lm_head, "lm_head")
             self.head_int8 = (weight_t, scale)
+        elif head_bits == 4:
+            self.head_nibbles = head_nibbles(model.lm_head)
+        self.fused = FusedPlan(self.blocks, cfg) if fused and self.ops is kernels else None
+        self.dense = int8 and prefill == "dense" and self.ops is kernels
 
     @classmethod
-    def from_model(cls, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba") -> "PackedEngine":
+    def from_model(cls, model: BiSpikCLMForCausalLM, int8: bool = False, backend: str = "numba", bits: int = 8,
+                   fused: bool = True, prefill: str = "dense") -> "PackedEngine":
         """An engine on ``model``'s weights (see the class for the arguments)."""
-        return cls(model, int8=int8, backend=backend)
+        return cls(model, int8=int8, backend=backend, bits=bits, fused=fused, prefill=prefill)
 
     @classmethod
-    def from_pretrained(cls, path: str, int8: bool = False, int8_head: bool = False,
-                        backend: str = "numba") -> "PackedEngine":
-        """An engine for a saved checkpoint; with ``int8`` the model is quantized first (its head too with
-        ``int8_head``)."""
+    def from_pretrained(cls, path: str, int8: bool = False, int8_head: bool = False, backend: str = "numba",
+                        bits: int = 8, fused: bool = True, prefill: str = "dense") -> "PackedEngine":
+        """An engine for a saved checkpoint; with ``int8`` the model is quantized first to ``bits`` (its head too
+        with ``int8_head``)."""
         model = BiSpikCLMForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return cls(quantize_(model, head=int8_head) if int8 else model, int8=int8, backend=backend)
+        return cls(quantize_(model, head=int8_head, bits=bits) if int8 else model, int8=int8, backend=backend,
+                   bits=bits, fused=fused, prefill=prefill)
 
     def new_cache(self, max_length: int | None = None) -> PackedCache:
         """An empty cache for up to ``max_length`` positions (default: ``max_position_embeddings``)."""
@@ -184,21 +277,21 @@ class PackedEngine:
         self.ops.lif(current, neuron.beta, neuron.threshold, neuron.initial, neuron.count, spikes)
         return spikes
 
-    def _current(self, inputs: np.ndarray, layer: PackedLinear, counts: bool = False) -> np.ndarray:
-        current = np.empty(inputs.shape[:2] + (layer.weight.shape[1],), np.float32)
-        (self.ops.linear_counts if counts else self.ops.linear_spikes)(inputs, layer.weight, layer.bias,
-                                                                       layer.scale, current)
+    def _current(self, inputs: np.ndarray, layer: PackedLinear, ops: ModuleType, counts: bool = False
+                 ) -> np.ndarray:
+        current = np.empty(inputs.shape[:2] + (layer.bias.shape[0],), np.float32)
+        (ops.linear_counts if counts else ops.linear_spikes)(inputs, layer.weight, layer.bias, layer.scale, current)
         return current
 
-    def _ffn(self, b: np.ndarray, block: PackedBlock) -> dict[str, np.ndarray]:
+    def _ffn(self, b: np.ndarray, block: PackedBlock, ops: ModuleType) -> dict[str, np.ndarray]:
         """The SFFN's spikes by neuron path (``ffn.out_neuron`` last) for its input spikes ``b``. Gated: the gate
         and up currents come from one pass over ``b``; ``select`` zeroes the up current where the gate did not
         fire before the hidden neuron, ``and`` ANDs the gate and hidden spikes (``ffn.hidden`` holds what the
         down projection receives)."""
-        current, neurons, f = self._current(b, block.ffn_in), block.neurons, self.config.ffn_dim
+        current, neurons, f = self._current(b, block.ffn_in, ops), block.neurons, self.config.ffn_dim
         if not self.gated:
             h = self._lif(current, neurons["ffn.hidden_neuron"])
-            return {"ffn.hidden_neuron": h, "ffn.out_neuron": self._lif(self._current(h, block.ffn_out),
+            return {"ffn.hidden_neuron": h, "ffn.out_neuron": self._lif(self._current(h, block.ffn_out, ops),
                                                                         neurons["ffn.out_neuron"])}
         gate = self._lif(np.ascontiguousarray(current[..., :f]), neurons["ffn.gate_neuron"])
         up = np.ascontiguousarray(current[..., f:])
@@ -208,7 +301,7 @@ class PackedEngine:
         else:
             h = self._lif(up, neurons["ffn.hidden_neuron"])
             hidden = gate & h
-        out = self._lif(self._current(hidden, block.ffn_out), neurons["ffn.out_neuron"])
+        out = self._lif(self._current(hidden, block.ffn_out, ops), neurons["ffn.out_neuron"])
         return {"ffn.gate_neuron": gate, "ffn.hidden_neuron": h, "ffn.hidden": hidden, "ffn.out_neuron": out}
 
     @torch.no_grad()
@@ -228,11 +321,40 @@ class PackedEngine:
         positions = torch.arange(past, past + n)
         x0 = self.model.model.embed(ids[None], positions[None])[0].float().numpy()
         x = np.ascontiguousarray(np.broadcast_to(x0[:, None], (n, cfg.time_steps, cfg.hidden_size)))
+        if self.dense and n >= DENSE_MIN_TOKENS:
+            self._blocks(x, cache, past, record, dense)
+        elif self.fused is not None:
+            self._blocks_fused(x, cache, past, record)
+        else:
+            self._blocks(x, cache, past, record, self.ops)
+        cache.length = past + n
+        return self._head(x if all_logits else x[-1:], record)[slice(None) if all_logits else -1]
+
+    def _blocks_fused(self, x: np.ndarray, cache: PackedCache, past: int, record: dict | None) -> None:
+        """Every block in one compiled call (:func:`bispikclm.engine.kernels.blocks`); with ``record``, every
+        layer's spikes and counts are kept and stored as :meth:`forward` says."""
+        n, t_steps, _ = x.shape
+        kept = len(self.blocks) if record is not None else 1
+        spikes = np.empty((kept, kernels.SPIKE_SLOTS, n, t_steps, self.fused.words), np.uint64)
+        counts = np.empty((kept, n, t_steps, self.q_size), np.int32)
+        kernels.blocks(x, past, cache.keys, cache.values, self.fused, spikes, counts)
+        if record is None:
+            return
+        for i in range(len(self.blocks)):
+            for slot, name in SLOT_NAMES.items():
+                if slot != kernels.ATTN and name in self.blocks[i].neurons:
+                    record[f"model.layers.{i}.{name}"] = unpack(spikes[i, slot], self._width(name))
+            record[f"model.layers.{i}.self_attn.out_proj"] = counts[i]
+
+    def _blocks(self, x: np.ndarray, cache: PackedCache, past: int, record: dict | None, ops: ModuleType) -> None:
+        """Every block, one kernel call at a time: the reference of :meth:`_blocks_fused` (``ops`` the engine's
+        kernels), or the dense prefill (``ops`` :mod:`bispikclm.engine.dense`)."""
+        cfg, n = self.config, x.shape[0]
         splits = np.cumsum([0, self.q_size, self.kv_size, self.kv_size])
         for i, block in enumerate(self.blocks):
             neurons = block.neurons
             a = self._lif(x.copy(), neurons["attn_in_neuron"])
-            qkv = self._current(a, block.qkv)
+            qkv = self._current(a, block.qkv, ops)
             q, k, v = (self._lif(np.ascontiguousarray(qkv[..., lo:hi]), neurons[f"self_attn.{name}_neuron"])
                        for lo, hi, name in zip(splits[:-1], splits[1:], "qkv"))
             cache.keys[i, :, past:past + n] = k.transpose(1, 0, 2)
@@ -242,10 +364,10 @@ class PackedEngine:
             self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads, cfg.key_value_heads,
                           self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, attn.initial,
                           attn.count, counts)
-            y = self._lif(self._current(counts, block.out, counts=True), neurons["self_attn.out_neuron"])
+            y = self._lif(self._current(counts, block.out, ops, counts=True), neurons["self_attn.out_neuron"])
             self.ops.residual_add(x, y, block.attn_residual_scale)
             b = self._lif(x.copy(), neurons["ffn_in_neuron"])
-            ffn = self._ffn(b, block)
+            ffn = self._ffn(b, block, ops)
             self.ops.residual_add(x, ffn["ffn.out_neuron"], block.ffn_residual_scale)
             if record is not None:
                 spikes = {"attn_in_neuron": a, "self_attn.q_neuron": q, "self_attn.k_neuron": k,
@@ -254,8 +376,6 @@ class PackedEngine:
                     if name != "ffn.hidden":            # what fc2/down_proj reads: see weight_bytes
                         record[f"model.layers.{i}.{name}"] = unpack(packed, self._width(name))
                 record[f"model.layers.{i}.self_attn.out_proj"] = counts
-        cache.length = past + n
-        return self._head(x if all_logits else x[-1:], record)[slice(None) if all_logits else -1]
 
     def _width(self, name: str) -> int:
         """Number of neurons of a block's neuron group by module path."""
@@ -268,16 +388,21 @@ class PackedEngine:
         """Logits ``[N, V]`` from the last residual stream ``x`` ``[N, T, D]``."""
         if self.head is None:
             h = self.model.final_layer_norm(torch.from_numpy(x).mean(1))
-            if self.head_int8 is None:
+            if self.head_int8 is not None:
+                weight, scale = self.head_int8
+                logits = np.empty((h.shape[0], weight.shape[1]), np.float32)
+                self.ops.head_int8(h.numpy(), weight, scale, logits)
+            elif self.head_nibbles is not None:
+                weight, scale = self.head_nibbles
+                logits = np.empty((h.shape[0], scale.shape[1]), np.float32)
+                self.ops.head_nibbles(h.numpy(), weight, scale, logits)
+            else:
                 return self.model.lm_head(h)
-            weight, scale = self.head_int8
-            logits = np.empty((h.shape[0], weight.shape[1]), np.float32)
-            self.ops.head_int8(h.numpy(), weight, scale, logits)
             return torch.from_numpy(logits)
         spikes = self._lif(x.copy(), self.head_neuron)
         if record is not None:
             record["head_neuron"] = unpack(spikes, x.shape[-1])
-        current = np.empty(spikes.shape[:2] + (self.head.weight.shape[1],), np.float32)
+        current = np.empty(spikes.shape[:2] + (self.head.bias.shape[0],), np.float32)
         self.ops.linear_spikes(spikes, self.head.weight, self.head.bias, self.head.scale, current)
         return torch.from_numpy(current).mean(1)
 
@@ -325,11 +450,13 @@ class PackedEngine:
             for fired, layer in inputs:
                 rows = fired.any(axis=1).sum(axis=1).mean()          # rows read per token
                 blocks += rows * layer.nbytes_per_row
-                dense += layer.weight.shape[0] * layer.weight.shape[1] * 4
+                dense += layer.weight.shape[0] * layer.bias.shape[0] * 4
         if self.head is not None:
             head = record["head_neuron"].any(axis=1).sum(axis=1).mean() * self.head.nbytes_per_row
         elif self.head_int8 is not None:
             head = self.head_int8[0].nbytes
+        elif self.head_nibbles is not None:
+            head = sum(part.nbytes for part in self.head_nibbles)
         else:
             head = self.model.lm_head.weight.numel() * 4
         return {"blocks": float(blocks), "head": float(head), "dense_blocks": float(dense)}

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .packing import pack, unpack
+from .packing import pack, unpack, unpack_nibbles
+
+
+def integer_rows(weight: np.ndarray, n_out: int) -> np.ndarray:
+    """The weight rows ``[in, n_out]`` as values: 4-bit rows (uint8, two per byte) unpacked to int8, others as
+    they are."""
+    return unpack_nibbles(weight, n_out) if weight.dtype == np.uint8 else weight
 
 
 def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
@@ -17,8 +23,10 @@ def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
     """Event-driven linear layer: ``out[n, t] = (bias + sum of the rows i of weight whose input fired at
     (n, t)) * scale``, summing rows in increasing ``i``.
 
-    ``spikes`` ``[N, T, W_in]`` uint64; ``weight`` ``[in, out]`` float32 (or int8); ``bias`` ``[out]`` float32
-    (int32 with int8 weights); ``scale`` ``[out]`` float32; ``out`` ``[N, T, out]`` float32, written."""
+    ``spikes`` ``[N, T, W_in]`` uint64; ``weight`` ``[in, out]`` float32 (or int8, or 4-bit: ``[in, ceil(out / 2)]``
+    uint8 as :func:`~bispikclm.engine.packing.pack_nibbles` stores them); ``bias`` ``[out]`` float32 (int32 with
+    integer weights); ``scale`` ``[out]`` float32; ``out`` ``[N, T, out]`` float32, written."""
+    weight = integer_rows(weight, bias.shape[0])
     fired = unpack(spikes, weight.shape[0])
     for n in range(spikes.shape[0]):
         for t in range(spikes.shape[1]):
@@ -32,6 +40,7 @@ def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
                   out: np.ndarray) -> None:
     """Linear layer on integer spike counts (``O = P V``): ``out[n, t] = (bias + sum_i counts[n, t, i] *
     weight[i]) * scale`` over the non-zero counts in increasing ``i``. ``counts`` ``[N, T, in]`` int32."""
+    weight = integer_rows(weight, bias.shape[0])
     for n in range(counts.shape[0]):
         for t in range(counts.shape[1]):
             acc = bias.copy()
@@ -135,3 +144,20 @@ def head_int8(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndar
         for i in range(h.shape[1]):
             acc += h[n, i] * weight[i].astype(np.float32)
         out[n] = acc * scale
+
+
+def head_nibbles(h: np.ndarray, weight: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """Float head on 4-bit weights with a scale per group of inputs: ``out[n] = sum_g scale[g] * (sum_{i in g}
+    h[n, i] * value[i])``, each group's sum over ``i`` in order, then the groups in order, in float32.
+    ``weight`` ``[D, ceil(V / 2)]`` uint8 (4-bit values, :func:`~bispikclm.engine.packing.pack_nibbles`);
+    ``scale`` ``[G, V]`` float32 with ``G`` groups of ``D / G`` inputs; ``out`` ``[N, V]`` float32, written."""
+    values = unpack_nibbles(weight, scale.shape[1])
+    group = h.shape[1] // scale.shape[0]
+    for n in range(h.shape[0]):
+        acc = np.zeros(scale.shape[1], np.float32)
+        for g in range(scale.shape[0]):
+            part = np.zeros(scale.shape[1], np.float32)
+            for i in range(g * group, (g + 1) * group):
+                part += h[n, i] * values[i].astype(np.float32)
+            acc += part * scale[g]
+        out[n] = acc
