@@ -24,6 +24,8 @@ How it measures (why: a peer run after torch and Numba in the same process ran a
   own at the start of each round; each row's decode GB/s is its weight bytes read per token (the engine: the
   rows of the inputs that fired, from its firing on the prompt; llama.cpp: the GGUF matrices' bytes; PyTorch:
   every linear layer's weights) times its decode tokens/s, and is reported as a share of that bandwidth;
+* the engine's fused linear kernel on its own (bytes of weight rows per second over 24 distinct int8 matrices of
+  each OPT-125m layer shape, ``linear_kernel_bandwidth``) once after the rounds, in a process of its own;
 * the load average is recorded before and after (after a ``--settle`` pause, so that this run's own load has
   mostly decayed); above 1.5 the results are not written (one-line error, exit 1) unless ``--force``, which
   writes them marked ``"forced": true``;
@@ -71,6 +73,7 @@ from engine import engine_run, opt_run, speed_arguments, wikitext_tokens  # noqa
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
 from bispikclm.ann import same_shape_ann  # noqa: E402
 from bispikclm.engine import PackedEngine, quantize_  # noqa: E402
+from bispikclm.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ("opt-125m", "smollm2-135m")
@@ -100,6 +103,31 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return words.nbytes / min(timed(lambda: _read_all(words)) for _ in range(repeats))
 
 
+def linear_bandwidth(rates=(0.1, 0.2), layers: int = 24, repeats: int = 5) -> list[dict]:
+    """Bytes per second of weight rows the fused event-driven linear kernel reads (int8, T = 2, decode: one
+    token) at the OPT-125m shapes, over ``layers`` distinct weight matrices so that they do not stay in cache."""
+    from bispikclm.engine import kernels, pack
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_in, n_out in [(768, 2304), (768, 3072), (3072, 768)]:
+        weights = [rng.integers(-127, 128, (n_in, n_out)).astype(np.int8) for _ in range(layers)]
+        bias, scale, out = np.zeros(n_out, np.int32), np.ones(n_out, np.float32), np.empty((1, 2, n_out), np.float32)
+        for rate in rates:
+            fired = [rng.random((1, 2, n_in)) < rate for _ in range(layers)]
+            spikes = [pack(f) for f in fired]
+            read = sum(int(f[0].any(0).sum()) for f in fired) * n_out
+
+            def run():
+                for s, w in zip(spikes, weights):
+                    kernels.linear_spikes(s, w, bias, scale, out)
+            run()
+            seconds = min(timed(run) for _ in range(repeats))
+            rows.append({"layer": f"{n_in}x{n_out}", "rate": rate, "us_per_layer": round(1e6 * seconds / layers, 1),
+                         "gb_per_s": round(read / seconds / 1e9, 2)})
+    return rows
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -120,9 +148,15 @@ def speeds(run, model, prompt: list[int], decode: list[int], repeats: int) -> di
 
 # ----------------------------------------------------------------------------------------------------- engine
 def four_bit_support() -> str | None:
-    """``None`` when the engine runs 4-bit weights (``quantize_`` takes ``bits``), else the reason it does not."""
+    """``None`` when the engine runs 4-bit weights (``quantize_`` takes ``bits`` and an engine builds on a tiny
+    model quantized with ``bits=4``), else the reason it does not."""
     if "bits" not in inspect.signature(quantize_).parameters:
         return "bispikclm.engine.quantize_ takes no bits= keyword (no 4-bit engine in this version)"
+    torch.manual_seed(0)
+    try:
+        build_engine(BiSpikCLMForCausalLM(BiSpikCLMConfig.from_preset("tiny", time_steps=2)).eval(), 4)
+    except (UserError, TypeError, ValueError) as err:
+        return f"the engine does not build on 4-bit weights: {str(err).splitlines()[0]}"
     return None
 
 
@@ -206,7 +240,8 @@ def gguf_tensor_map(config) -> dict[str, list[str]]:
     if config.ffn_type == "gated":
         names = {"token_embd.weight": ["model.embed_tokens.weight"], "output_norm.weight": ["model.norm.weight"]}
         parts = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                 "ffn_norm": "post_attention_layernorm",
                  "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
         for i in range(config.num_hidden_layers):
             names.update({f"blk.{i}.{g}.weight": [f"model.layers.{i}.{h}.weight"] for g, h in parts.items()})
@@ -477,6 +512,8 @@ def worker(args) -> None:
     numba.set_num_threads(job["threads"])
     if args.worker == "bandwidth":
         out = {"read_bandwidth_gb_per_s": round(read_bandwidth() / 1e9, 2)}
+    elif args.worker == "kernel":
+        out = {"rows": linear_bandwidth()}
     elif args.worker == "prepare":
         out = worker_prepare(job, args.shape)
     elif args.worker == "measure":
@@ -513,7 +550,8 @@ def aggregate(runs: list[dict], spec: dict) -> dict:
     row = {k: v for k, v in spec.items() if k not in ("kind", "path")}
     for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
         stats = spread([r[key] for r in runs])
-        row[key], row[f"{key}_range"], row[f"{key}_rounds"] = stats["median"], [stats["min"], stats["max"]], stats["runs"]
+        row[key], row[f"{key}_range"] = stats["median"], [stats["min"], stats["max"]]
+        row[f"{key}_rounds"] = stats["runs"]
     row["weight_bytes_per_token"] = int(statistics.median([r["weight_bytes_per_token"] for r in runs]))
     if "firing_rate" in runs[0]:
         row["firing_rate"] = runs[0]["firing_rate"]
@@ -547,7 +585,8 @@ def summary(shape: dict) -> dict:
         out["crossover_rate_prefill_vs"][name] = crossover(sweep, peer["prefill_tokens_per_s"], "prefill_tokens_per_s")
     fastest_prefill = max(peers[k]["prefill_tokens_per_s"] for k in peers)
     out["goals"] = [{"at": p["name"], "firing_rate": p["firing_rate"],
-                     "decode_over_fastest_peer": round(p["decode_tokens_per_s"] / peers[fastest]["decode_tokens_per_s"], 3),
+                     "decode_over_fastest_peer": round(p["decode_tokens_per_s"]
+                                                       / peers[fastest]["decode_tokens_per_s"], 3),
                      "decode_goal": 2.0,
                      "prefill_over_fastest_peer": round(p["prefill_tokens_per_s"] / fastest_prefill, 3),
                      "prefill_goal": 1.0, "decode_share_of_bandwidth": p["decode_share_of_bandwidth"],
@@ -572,7 +611,8 @@ def plot(result: dict, path: Path) -> None:
                 if sweep:
                     ax.errorbar([p["firing_rate"] for p in sweep], [p[key] for p in sweep],
                                 yerr=np.abs(np.array([p[f"{key}_range"] for p in sweep]).T
-                                            - [p[key] for p in sweep]), fmt=style, color="black" if bits == 8 else "red",
+                                            - [p[key] for p in sweep]), fmt=style,
+                                color="black" if bits == 8 else "red",
                                 capsize=3, label=f"packed engine ({'int8' if bits == 8 else '4-bit'}, T=2)")
             for i, (peer, value) in enumerate(shape["peers"].items()):
                 ax.axhline(value[key], color=f"C{i}", linestyle="--", label=peer)
@@ -620,8 +660,8 @@ def plot_trade(result: dict, path: Path) -> bool:
             x = row[key] if key == "decode_tokens_per_s" else row["energy_mj_per_token"][key]
             xerr = (np.abs(np.array(row["decode_tokens_per_s_range"]) - x)[:, None]
                     if key == "decode_tokens_per_s" else None)
-            ax.errorbar([x], [row["perplexity"]], xerr=xerr, fmt="*" if spiking else "o", markersize=13 if spiking else 8,
-                        color=f"C{i}", capsize=3, label=row["name"])
+            ax.errorbar([x], [row["perplexity"]], xerr=xerr, fmt="*" if spiking else "o",
+                        markersize=13 if spiking else 8, color=f"C{i}", capsize=3, label=row["name"])
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel(f"WikiText-2 test perplexity ({rows[0]['tokens']} tokens)")
@@ -650,8 +690,8 @@ def markdown(result: dict) -> str:
                   "| model | firing rate | decode tok/s, median (min-max) | prefill tok/s, median (min-max) | "
                   "weight MB read / token | decode GB/s (share of read bandwidth) |", "|---|---|---|---|---|---|"]
         rows = [(peer, "–", v) for peer, v in shape["peers"].items()]
-        rows += [(p["name"], f"{p['firing_rate']:.3f}", p) for p in sorted(shape["engine"],
-                                                                             key=lambda p: (p["bits"], p["firing_rate"]))]
+        engine = sorted(shape["engine"], key=lambda p: (p["bits"], p["firing_rate"]))
+        rows += [(p["name"], f"{p['firing_rate']:.3f}", p) for p in engine]
         for label, rate, v in rows:
             d, pf = v["decode_tokens_per_s_range"], v["prefill_tokens_per_s_range"]
             lines.append(f"| {label} | {rate} | {v['decode_tokens_per_s']:.1f} ({d[0]:.1f}-{d[1]:.1f}) | "
@@ -667,7 +707,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     rows = trade_rows(result)
     if rows:
-        lines += [f"**The trade** ({QUICKSTART} and its ANN; perplexity on {rows[0]['tokens']} WikiText-2 test tokens)", "",
+        lines += [f"**The trade** ({QUICKSTART} and its ANN; perplexity on {rows[0]['tokens']} WikiText-2 test "
+                  "tokens)", "",
                   "| model | perplexity | decode tok/s | energy mJ/token (SRAM) | energy mJ/token (DRAM) |",
                   "|---|---|---|---|---|"]
         for row in rows:
@@ -721,7 +762,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="write results taken above the load limit, marked")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "engine_peers.json")
     parser.add_argument("--plot", action="store_true", help="only redraw the plots and print the tables from --out")
-    parser.add_argument("--worker", choices=("bandwidth", "prepare", "measure", "quality"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("bandwidth", "kernel", "prepare", "measure", "quality"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -733,6 +775,9 @@ def main() -> None:
         if not args.out.is_file():
             sys.exit(f"error: {args.out} does not exist; run the benchmark first")
         result = json.loads(args.out.read_text())
+        if "rounds" not in result.get("setup", {}):
+            sys.exit(f"error: {args.out} was written by the single-process version of this benchmark (no medians "
+                     f"over rounds); run the benchmark to replace it")
         plot(result, args.out.with_suffix(".png"))
         drew = plot_trade(result, trade_path)
         print(markdown(result))
@@ -774,6 +819,11 @@ def main() -> None:
                 for contender in order[shift:] + order[:shift]:
                     runs[name][contender].append(run_worker(job_path, "measure", name, contender))
                     print(f"  {name} | {contender}: {json.dumps(runs[name][contender][-1])}", flush=True)
+        try:          # a diagnostic of the engine's linear kernel on its own, after the timed rounds
+            kernel = run_worker(job_path, "kernel")["rows"]
+        except RuntimeError as err:
+            kernel = f"not measured: {str(err).splitlines()[0]}"
+            print(f"note: linear kernel bandwidth {kernel}", flush=True)
         quality = run_worker(job_path, "quality") if QUICKSTART in job["shapes"] else {}
         if args.settle > 0:
             print(f"waiting {args.settle:.0f} s for the load average to settle", flush=True)
@@ -788,13 +838,15 @@ def main() -> None:
                     "load_limit": LOAD_LIMIT, "read_bandwidth_gb_per_s": band["median"],
                     "read_bandwidth_gb_per_s_range": [band["min"], band["max"]],
                     "read_bandwidth_gb_per_s_rounds": band["runs"]},
+        "linear_kernel_bandwidth": kernel,
         "setup": {"prompt_tokens": args.prompt, "decode_tokens": args.decode, "batch": 1, "repeats": args.repeats,
                   "rounds": args.rounds, "process": "every measurement in a fresh process; contenders alternated, "
                   "the order rotated each round; medians and min-max over the rounds",
                   "engine": "T = 2; int8 blocks + int8 head" + ("" if missing_4bit else ", and 4-bit blocks + head")
                             + "; random shapes: random init (seed 0), thresholds scaled to hit each firing rate",
                   "four_bit": missing_4bit or "measured", "text": "WikiText-2 test",
-                  "perplexity": f"{args.ppl_windows} windows of {PPL_CONTEXT} WikiText-2 test tokens (quickstart shape)"},
+                  "perplexity": f"{args.ppl_windows} windows of {PPL_CONTEXT} WikiText-2 test tokens "
+                                "(quickstart shape)"},
         "shapes": {},
     }
     for name, shape_job in job["shapes"].items():
@@ -810,7 +862,8 @@ def main() -> None:
         if name in alone:
             harness = shape["peers"][HARNESS_PEER]["decode_tokens_per_s"]
             ratio = harness / alone[name]["decode_tokens_per_s"]
-            shape["harness_check"] = {"peer": HARNESS_PEER, "alone_decode_tokens_per_s": alone[name]["decode_tokens_per_s"],
+            shape["harness_check"] = {"peer": HARNESS_PEER,
+                                      "alone_decode_tokens_per_s": alone[name]["decode_tokens_per_s"],
                                       "alone_prefill_tokens_per_s": alone[name]["prefill_tokens_per_s"],
                                       "in_harness_median_decode_tokens_per_s": harness,
                                       "in_harness_over_alone": round(ratio, 3), "tolerance": HARNESS_TOLERANCE,
