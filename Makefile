@@ -32,7 +32,7 @@ bench: setup
 	$(MAKE) bench-engine
 	$(PY) benchmarks/smollm2.py --data $(DATA) --out runs/smollm2 --tokens 65536 --data-tokens 131072 --test-tokens 16384 --zeroshot-limit 40 --parity results/smollm2/parity.json
 
-# The engine against llama.cpp and PyTorch, every contender in a process of its own (about 35 min on 2 idle cores;
+# The engine against llama.cpp and PyTorch, every contender in a process of its own (about 25 min on 2 idle cores;
 # refuses to write results above load average 1.5): results/engine_peers.json, engine_peers.png, engine_trade.png.
 bench-engine: setup
 	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine_peers.py --data $(DATA) --run-dir runs/quickstart
