@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= $(or $(BISPIKCLM_DATA),../shared/data)
 
-.PHONY: setup quickstart test test-slow bench
+.PHONY: setup quickstart test test-slow bench bench-engine
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -30,5 +30,10 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/memory.py
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 204800 --eval-windows 200 --seeds 0 1 2 --variants paper ann init_all rate_matched learn_threshold_channel
 	PYTHONPATH=. $(PY) benchmarks/cli_startup.py
-	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine_peers.py $(if $(wildcard runs/quickstart/student),--run-dir runs/quickstart)
+	$(MAKE) bench-engine
 	$(PY) benchmarks/smollm2.py --data $(DATA) --out runs/smollm2 --tokens 65536 --data-tokens 131072 --test-tokens 16384 --zeroshot-limit 40 --parity results/smollm2/parity.json
+
+# The engine against llama.cpp and PyTorch, every contender in a process of its own (about 25 min on 2 idle cores;
+# refuses to write results above load average 1.5): results/engine_peers.json, engine_peers.png, engine_trade.png.
+bench-engine: setup
+	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine_peers.py --data $(DATA) --run-dir runs/quickstart

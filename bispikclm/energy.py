@@ -390,11 +390,13 @@ def energy_report(student: CostCount, ann: CostCount, table: EnergyTable = Energ
 BLOCK_PARTS = ("attention", "ffn", "neurons", "residual")
 
 
-def bytes_read(count: CostCount, precision: str, part: str | None = None) -> float:
+def bytes_read(count: CostCount, precision: str, part: str | None = None,
+               bytes_per_weight: float | None = None) -> float:
     """Bytes a batch-1 decode reads over the pass (or in one part) with weights of ``precision``: weight elements
     times the weight's size, and K/V cache entries at one bit each for binary spikes, one weight's size for real
-    numbers."""
-    size = BYTES_PER_WEIGHT[precision]
+    numbers. ``bytes_per_weight`` overrides the size of ``precision`` (e.g. 0.5 for 4-bit weights, or a
+    block format's bytes including its scales)."""
+    size = BYTES_PER_WEIGHT[precision] if bytes_per_weight is None else bytes_per_weight
     total = 0.0
     for e in count.entries:
         if part not in (None, e.part):
@@ -404,6 +406,30 @@ def bytes_read(count: CostCount, precision: str, part: str | None = None) -> flo
         elif e.kind == "cache_read":
             total += e.count / 8 if e.operand == "binary" else e.count * size
     return total
+
+
+CONVENTIONS = {"paper": "paper: blocks, arithmetic only", "arithmetic": "everything, arithmetic only",
+               "sram": "everything + memory at SRAM", "dram": "everything + memory at DRAM"}
+
+
+def energy_per_token(count: CostCount, precision: str, convention: str, memory: MemoryTable = MemoryTable(),
+                     bytes_per_weight: float | None = None) -> float:
+    """Energy per token in millijoules of one model's ``count`` at the arithmetic of ``precision`` (a key of
+    :data:`~bispikclm.cost_tables.PRECISIONS`) under ``convention`` (a key of :data:`CONVENTIONS`): ``paper``
+    the blocks' arithmetic only; ``arithmetic`` every part's; ``sram`` / ``dram`` every part's plus the bytes
+    read per token (:func:`bytes_read`, with ``bytes_per_weight`` overriding the precision's weight size) at
+    the SRAM or DRAM energy per byte."""
+    if precision not in PRECISIONS or convention not in CONVENTIONS:
+        raise UserError(f"unknown precision {precision!r} or convention {convention!r} (known: "
+                        f"{', '.join(PRECISIONS)}; {', '.join(CONVENTIONS)})")
+    table = PRECISIONS[precision]
+    if convention == "paper":
+        pj = sum(count.energy_pj(table, part) for part in BLOCK_PARTS)
+    else:
+        pj_per_byte = {"arithmetic": 0.0, "sram": memory.sram_pj_per_byte, "dram": memory.dram_pj_per_byte}
+        pj = count.energy_pj(table) + bytes_read(count, precision, bytes_per_weight=bytes_per_weight) * pj_per_byte[
+            convention]
+    return pj / count.tokens * 1e-9
 
 
 def cost_table(student: CostCount, ann: CostCount, memory: MemoryTable = MemoryTable()) -> dict:
@@ -419,26 +445,16 @@ def cost_table(student: CostCount, ann: CostCount, memory: MemoryTable = MemoryT
         raise ValueError(f"student ran on {student.tokens} tokens, the ANN on {ann.tokens}")
     per_token = 1.0 / student.tokens
     rows, traffic = [], {}
-    for precision, table in PRECISIONS.items():
+    for precision in PRECISIONS:
         traffic[precision] = {"student": bytes_read(student, precision) * per_token,
                               "ann": bytes_read(ann, precision) * per_token}
-
-        def energy(count: CostCount, convention: str) -> float:
-            if convention == "paper":
-                return sum(count.energy_pj(table, part) for part in BLOCK_PARTS)
-            pj_per_byte = {"arithmetic": 0.0, "sram": memory.sram_pj_per_byte, "dram": memory.dram_pj_per_byte}
-            return count.energy_pj(table) + bytes_read(count, precision) * pj_per_byte[convention]
-
-        for convention in ("paper", "arithmetic", "sram", "dram"):
-            s, a = energy(student, convention) * per_token * 1e-9, energy(ann, convention) * per_token * 1e-9
+        for convention in CONVENTIONS:
+            s, a = (energy_per_token(student, precision, convention, memory),
+                    energy_per_token(ann, precision, convention, memory))
             rows.append({"precision": precision, "convention": convention, "student_mj": s, "ann_mj": a,
                          "ratio": s / a})
     return {"memory_table": asdict(memory), "tables": {k: asdict(v) for k, v in PRECISIONS.items()},
             "bytes_per_token": traffic, "rows": rows}
-
-
-CONVENTIONS = {"paper": "paper: blocks, arithmetic only", "arithmetic": "everything, arithmetic only",
-               "sram": "everything + memory at SRAM", "dram": "everything + memory at DRAM"}
 
 
 def format_cost_table(table: dict) -> str:

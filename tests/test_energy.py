@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import cost_models
 from bispikclm.cli import main
 from bispikclm.energy import (BLOCK_PARTS, KIND_COST, EnergyTable, MemoryTable, bytes_read, cost_table,
+                              energy_per_token,
                               count_operations, energy_report, format_cost_table, load_checkpoint, load_energy_table,
                               text_token_ids)
 from bispikclm.distill.losses import SpikeCostLoss
@@ -281,6 +282,26 @@ def test_cost_table_prices_both_conventions_at_both_precisions(folders, input_id
     assert rows["float32", "arithmetic"]["student_mj"] == pytest.approx(
         energy_report(student, ann)["student"]["energy_mj_per_token"], rel=1e-12)
     assert "| int8 | everything + memory at DRAM |" in format_cost_table(table)
+
+
+def test_energy_per_token_prices_any_weight_size(folders, input_ids):
+    """A block format's weight size (4-bit rows, llama.cpp's Q4_0 with its scales) changes only the weight bytes'
+    share of the memory energy; the cost table's rows are energy_per_token at the precision's own size."""
+    count = count_operations(load_checkpoint(folders["student"])[0], input_ids)
+    memory = MemoryTable()
+    rows = {(r["precision"], r["convention"]): r["student_mj"]
+            for r in cost_table(count, count_operations(load_checkpoint(folders["teacher"])[0], input_ids))["rows"]}
+    for (precision, convention), mj in rows.items():
+        assert energy_per_token(count, precision, convention, memory) == pytest.approx(mj, rel=1e-12)
+    weights, tokens = count.total("weight_read"), input_ids.numel()
+    assert bytes_read(count, "int8", bytes_per_weight=0.5) == pytest.approx(bytes_read(count, "int8") - weights / 2)
+    for convention, pj_per_byte in (("sram", 1.25), ("dram", 160.0)):
+        saved = energy_per_token(count, "int8", convention) - energy_per_token(count, "int8", convention,
+                                                                               bytes_per_weight=18 / 32)
+        assert saved == pytest.approx(weights * (1 - 18 / 32) / tokens * pj_per_byte * 1e-9, rel=1e-9)
+    assert energy_per_token(count, "int8", "paper", bytes_per_weight=0.5) == rows["int8", "paper"]
+    with pytest.raises(UserError, match="unknown precision"):
+        energy_per_token(count, "int4", "dram")
 
 
 def test_energy_command_precision(folders, data_dir, tmp_path, capsys):
