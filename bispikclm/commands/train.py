@@ -16,14 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..ann import same_shape_ann
 from ..checkpoints import load_tokenizer
-from ..configuration import BiSpikCLMConfig, has_rotary_positions
+from ..configuration import BiSpikCLMConfig
 from ..data import data_meta, data_source, training_data
 from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
-from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
 from ..errors import UserError
-from ..modeling import BiSpikCLMForCausalLM
+from ..pipeline import STUDENT_KEYS, build_student, student_config
 from ..recipes import load_recipe, merge, parse_overrides
 from ..runfolder import hold, write_file, writing
 from ..validation import check_text_file, check_types, need
@@ -32,9 +30,6 @@ SECTIONS = ("teacher", "tokenizer", "data", "student", "train", "teacher_cache")
 # teacher_cache: {folder: DIR, top_k: K, batch_size: B}: run the teacher once over the training sequences and keep
 # what the losses need (bispikclm.distill.teacher_cache); students sharing the folder share the teacher pass
 CACHE_FIELDS = ("folder", "top_k", "batch_size")
-# student.kind: the spiking student, or the ANN of exactly its shape (bispikclm.ann), the baseline for the price of
-# spikes: the same teacher, losses, tokens, data order and seed
-STUDENT_KINDS = ("spiking", "ann")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +65,7 @@ def check_recipe(recipe: dict, name: str) -> None:
         for key in ("max_documents", "max_tokens"):
             if source.get(key) is not None:
                 need(source[key] >= 1, f"data.{split}.{key}", "must be >= 1", source[key])
-    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=("kind", "init"))
+    check_types("student", recipe.get("student") or {}, BiSpikCLMConfig.__annotations__, extra=STUDENT_KEYS)
 
 
 def check_local_source(source: dict, split: str) -> None:
@@ -103,18 +98,10 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_teacher(recipe["teacher"], dtype=TEACHER_DTYPES[config.teacher_dtype])
     tokenizer = load_tokenizer(str(recipe.get("tokenizer") or recipe["teacher"]))
     check_teacher(teacher, len(tokenizer), config.seq_len)
-    student_section = dict(recipe.get("student") or {})
-    kind, init = student_section.pop("kind", "spiking"), student_section.pop("init", "random")
-    if kind not in STUDENT_KINDS:
-        raise UserError(f"student.kind must be one of {STUDENT_KINDS}, got {kind!r}")
-    if init not in INIT_MODES:
-        raise UserError(f"student.init must be one of {INIT_MODES}, got {init!r}")
-    if "max_position_embeddings" not in student_section and has_rotary_positions(teacher.config):
-        student_section["max_position_embeddings"] = config.seq_len    # a learned table sized to the context
-    student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section_for(student_section, init))
-    if config.seq_len > student_config.max_position_embeddings:
-        raise UserError(f"sequence length {config.seq_len} is beyond the student's "
-                        f"{student_config.max_position_embeddings} positions")
+    # checked before anything is written; a rotary teacher's student gets a learned table sized to the context
+    positions = student_config(teacher.config, recipe.get("student"), config.seq_len).max_position_embeddings
+    if config.seq_len > positions:
+        raise UserError(f"sequence length {config.seq_len} is beyond the student's {positions} positions")
     for split, source in recipe["data"].items():
         check_local_source(source, split)
     tokenizer_name = str(recipe.get("tokenizer") or recipe["teacher"])
@@ -125,14 +112,7 @@ def run(args: argparse.Namespace) -> int:
     train_seqs, val_seqs = training_data(recipe["data"], tokenizer, config.seq_len, Path(args.out) / "data",
                                          tokenizer_name)
     torch.manual_seed(config.seed)
-    student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
-               else same_shape_ann(student_config, attn_implementation="eager"))
-    if init != "random":
-        try:
-            calibration = calibration_sequences(train_seqs, seed=config.seed)
-            init_from_teacher(student, teacher, init, calibration=calibration)
-        except ValueError as err:        # a teacher or student that this init cannot serve
-            raise UserError(f"student.init {init}: {err}") from None
+    student = build_student(teacher, recipe.get("student"), train_seqs, seed=config.seed, seq_len=config.seq_len)
     cache = None
     if recipe.get("teacher_cache") is not None:
         cache = build_teacher_cache(recipe["teacher_cache"], teacher, student, config, train_seqs, args.out,
