@@ -18,13 +18,13 @@ test-slow: setup
 	BISPIKCLM_DATA=$(DATA) $(PY) -m pytest -q -m slow
 
 # Every benchmark with the arguments that made the committed results/*.json (several hours on 2 cores).
-# The energy, spike-cost, quality and peer benchmarks use runs/quickstart when it exists (make quickstart first).
+# The energy, ablation, spike-cost, quality and peer benchmarks use runs/quickstart when it exists (make quickstart first).
 bench: setup
 	$(PY) benchmarks/train_step.py
 	OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. $(PY) benchmarks/engine.py
 	$(PY) benchmarks/energy.py $(if $(wildcard runs/quickstart/student),--run-dir runs/quickstart)
 	$(PY) benchmarks/distill.py --steps 2
-	$(PY) benchmarks/ablation.py --data $(DATA) --tokens 204800 --eval-windows 100
+	$(PY) benchmarks/ablation.py --data $(DATA) --tokens 204800 --eval-windows 100 $(if $(wildcard runs/quickstart/teacher),--teacher runs/quickstart/teacher)
 	$(PY) benchmarks/eval.py
 	$(if $(wildcard runs/quickstart/teacher),$(PY) benchmarks/spike_cost.py --data $(DATA) --teacher runs/quickstart/teacher)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/memory.py

@@ -1,10 +1,12 @@
 """SpAD ablation at equal tokens on WikiText-2: full SpAD, cross-entropy only, and each SpAD term switched off.
 
 Every variant trains the same student (same seed, same data order, same token budget) against the same frozen
-teacher (the quickstart teacher, trained once here or given with --teacher), and is scored on WikiText-2 test
-perplexity. Writes results/ablation.json with perplexity, wall time, CPU time and tokens/s per variant.
+teacher (the quickstart teacher, trained once here or given with --teacher: a model folder or the quickstart's
+``teacher/`` run folder), starting as the quickstart's student does (``student.init``), and is scored on WikiText-2
+test perplexity. Writes results/ablation.json with perplexity, wall time, CPU time and tokens/s per variant.
 
-    python benchmarks/ablation.py --data ../shared/data [--tokens N] [--eval-windows W]
+    python benchmarks/ablation.py --data ../shared/data [--teacher runs/quickstart/teacher] [--tokens N]
+        [--eval-windows W]
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
-from bispikclm.configuration import BiSpikCLMConfig
 from bispikclm.data import default_data_dir, pack
-from bispikclm.distill import DEFAULT_WEIGHTS, TERMS, TrainConfig, Trainer, load_teacher
+from bispikclm.distill import DEFAULT_WEIGHTS, TERMS, TrainConfig, Trainer
 from bispikclm.evaluation.perplexity import perplexity
-from bispikclm.modeling import BiSpikCLMForCausalLM
+from bispikclm.pipeline import (build_student, load_saved_teacher, train_quickstart_teacher, unigram_perplexity,
+                                wikitext_ids)
 from bispikclm.recipes import load_recipe, merge, parse_overrides
 
 VARIANTS = {"spad": {}, "ce_only": {t: 0.0 for t in TERMS if t != "hard"} | {"hard": 1.0},
@@ -62,15 +63,9 @@ def main() -> None:
     if args.eval_windows:
         test = test[: args.eval_windows * context]
     if args.teacher is None:
-        from transformers import OPTConfig, OPTForCausalLM
-
-        torch.manual_seed(0)
-        config = OPTConfig(vocab_size=len(tokenizer), word_embed_proj_dim=recipe["teacher"]["hidden_size"],
-                           **recipe["teacher"])
-        Trainer(OPTForCausalLM(config), TrainConfig.from_dict(recipe["teacher_train"]), train_seqs, val_seqs,
-                out / "teacher", progress=False).fit()
-        args.teacher = str(out / "teacher" / "model")
-    teacher = load_teacher(args.teacher)
+        train_quickstart_teacher(recipe, tokenizer, train_seqs, val_seqs, out / "teacher", progress=False)
+        args.teacher = str(out / "teacher")
+    teacher = load_saved_teacher(args.teacher)
     teacher_ppl = perplexity(teacher.eval(), test, context, batch_size=16, progress=False).perplexity
     results = {"command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:]),
                "teacher": args.teacher, "teacher_ppl": teacher_ppl,
@@ -81,7 +76,7 @@ def main() -> None:
         weights = {**DEFAULT_WEIGHTS, **recipe["train"].get("weights", {}), **VARIANTS[name]}
         cfg = TrainConfig.from_dict({**recipe["train"], "weights": weights})
         torch.manual_seed(cfg.seed)
-        student = BiSpikCLMForCausalLM(BiSpikCLMConfig.from_teacher_config(teacher.config, **recipe["student"]))
+        student = build_student(teacher, recipe["student"], train_seqs, seed=cfg.seed)   # the quickstart's student
         shutil.rmtree(out / name, ignore_errors=True)
         wall, cpu = time.perf_counter(), cpu_seconds()
         final = Trainer(student, cfg, train_seqs, val_seqs, out / name, teacher=teacher, progress=False).fit()

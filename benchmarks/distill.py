@@ -34,9 +34,9 @@ def run_case(shape: str, mode: str, steps: int) -> dict:
     """Time ``steps`` optimizer steps (after one warm-up step) of one case in this process."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
     from bispikclm.distill import SpADLoss, teacher_forward
     from bispikclm.distill.teacher import freeze
+    from bispikclm.pipeline import build_student
 
     spec = dict(SHAPES[shape])
     seq_len, batch, time_steps = spec.pop("seq_len"), spec.pop("batch"), spec.pop("time_steps")
@@ -46,7 +46,7 @@ def run_case(shape: str, mode: str, steps: int) -> dict:
         model, spad = teacher, SpADLoss(teacher.config, None, {"emb": 0, "attn": 0, "feat": 0, "soft": 0, "hard": 1})
     else:
         freeze(teacher)
-        model = BiSpikCLMForCausalLM(BiSpikCLMConfig.from_teacher_config(teacher.config, time_steps=time_steps))
+        model = build_student(teacher, {"time_steps": time_steps})     # random init, as the paper trains
         weights = {"emb": 0, "attn": 0, "feat": 0, "soft": 0, "hard": 1} if mode == "student_ce" else {}
         spad = SpADLoss(model.config, teacher.config, weights)
     params = list(model.parameters()) + list(spad.parameters())

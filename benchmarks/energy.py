@@ -18,22 +18,20 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.data import train_tokenizer
 from bispikclm.energy import (EnergyTable, count_operations, default_text_path, energy_report, format_report,
                               load_checkpoint, same_shape_ann, save_report, text_token_ids)
 from bispikclm.report import model_dir
 
 
 def wikitext_tokenizer(data_text: Path, vocab_size: int = 8192, lines: int = 20000) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the first ``lines`` lines of WikiText-2 train (for the random-weight students)."""
+    """Byte-level BPE (:func:`bispikclm.data.train_tokenizer`) trained on the first ``lines`` lines of WikiText-2
+    train (for the random-weight students)."""
     with open(data_text.parent / "train.txt", encoding="utf-8") as handle:
-        text = [next(handle) for _ in range(lines)]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text, vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>")
+        return train_tokenizer([next(handle) for _ in range(lines)], vocab_size)
 
 
 def measure(student, ann_count, input_ids, label: str, table: EnergyTable) -> dict:

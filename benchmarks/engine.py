@@ -30,12 +30,11 @@ from pathlib import Path  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
+from transformers import OPTForCausalLM  # noqa: E402
 
-from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
+from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM, same_shape_ann  # noqa: E402
 from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, spike_agreement  # noqa: E402
-from bispikclm.data import default_data_dir  # noqa: E402
+from bispikclm.data import default_data_dir, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = {"linear_spikes": "linears", "linear_counts": "linears", "sfsa": "attention", "lif": "neurons",
@@ -44,13 +43,9 @@ COMPONENTS = {"linear_spikes": "linears", "linear_counts": "linears", "sfsa": "a
 
 def wikitext_tokens(data: Path, count: int) -> list[int]:
     """``count`` tokens of WikiText-2 test, by a 4,096-token byte-level BPE trained on 20,000 lines of train."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     train = (data / "wikitext-2" / "train.txt").read_text(encoding="utf-8").splitlines()[:20000]
-    bpe.train_from_iterator(train, trainers.BpeTrainer(vocab_size=4096, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     test = (data / "wikitext-2" / "test.txt").read_text(encoding="utf-8")
-    return bpe.encode(test[:20000]).ids[:count]
+    return train_tokenizer(train, 4096)(test[:20000], add_special_tokens=False)["input_ids"][:count]
 
 
 class TimedOps:
@@ -147,11 +142,7 @@ def rates(record: dict[str, np.ndarray]) -> dict[str, float]:
 
 def opt_model(config: BiSpikCLMConfig) -> OPTForCausalLM:
     torch.manual_seed(0)
-    return OPTForCausalLM(OPTConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                                    num_hidden_layers=config.num_hidden_layers, ffn_dim=config.ffn_dim,
-                                    num_attention_heads=config.num_attention_heads,
-                                    max_position_embeddings=config.max_position_embeddings,
-                                    word_embed_proj_dim=config.hidden_size)).eval()
+    return same_shape_ann(config).eval()
 
 
 def bench_shape(preset: str, tokens: list[int], args) -> dict:

@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM  # noqa: E402
+from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM, same_shape_ann  # noqa: E402
 from bispikclm.evaluation.perplexity import perplexity, wikitext2_text  # noqa: E402
 
 POSITIONS = 8192
@@ -39,15 +39,11 @@ def rss_mb() -> float:
 
 def corpus_ids(tokens: int) -> torch.Tensor:
     """The first ``tokens`` ids of WikiText-2 raw test under a 4,096-token BPE trained on WikiText-2 train."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    from bispikclm.data import default_data_dir
+    from bispikclm.data import default_data_dir, train_tokenizer
 
     with open(default_data_dir() / "wikitext-2" / "train.txt", encoding="utf-8") as handle:
-        lines = [next(handle) for _ in range(20000)]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lines, vocab_size=4096, show_progress=False)
-    return torch.tensor(bpe.encode(wikitext2_text("raw")[: tokens * 8]).ids[:tokens])
+        tokenizer = train_tokenizer([next(handle) for _ in range(20000)], 4096)
+    return torch.tensor(tokenizer(wikitext2_text("raw")[: tokens * 8], add_special_tokens=False)["input_ids"][:tokens])
 
 
 def build(shape: str, kind: str, attn_chunk_size: int | None):
@@ -56,13 +52,7 @@ def build(shape: str, kind: str, attn_chunk_size: int | None):
                                                  attn_chunk_size=attn_chunk_size)
     if kind == "student":
         return BiSpikCLMForCausalLM(student_config).eval()
-    from transformers import OPTConfig, OPTForCausalLM
-
-    c = student_config
-    teacher_config = OPTConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                               num_attention_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
-                               word_embed_proj_dim=c.hidden_size, max_position_embeddings=POSITIONS)
-    return OPTForCausalLM(teacher_config).eval()
+    return same_shape_ann(student_config).eval()
 
 
 def measure(shape: str, kind: str, context: int, tokens: int, attn_chunk_size: int | None) -> dict:

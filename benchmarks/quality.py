@@ -22,15 +22,11 @@ from pathlib import Path
 
 import torch
 
-from bispikclm.commands.quickstart import unigram_perplexity, wikitext_ids
-from bispikclm.configuration import BiSpikCLMConfig
 from bispikclm.data import default_data_dir, pack
 from bispikclm.distill import TrainConfig, Trainer, load_teacher
 from bispikclm.distill.calibrate import set_time_steps
-from bispikclm.distill.init import init_from_teacher
-from bispikclm.ann import same_shape_ann
 from bispikclm.evaluation.perplexity import perplexity
-from bispikclm.modeling import BiSpikCLMForCausalLM
+from bispikclm.pipeline import build_student, unigram_perplexity, wikitext_ids
 from bispikclm.recipes import load_recipe, merge, parse_overrides
 
 CALIBRATED = ["student.init=calibrated", "student.per_channel_neurons=true", "student.fire=count",
@@ -93,18 +89,6 @@ def paper_recipe(quickstart: dict) -> dict:
     recipe = {**quickstart, "student": {"time_steps": quickstart["student"]["time_steps"]},
               "train": {k: v for k, v in quickstart["train"].items() if k != "weights"}}
     return recipe
-
-
-def build_student(teacher, recipe: dict, calibration=None):
-    """The student a recipe describes (``student.kind``, ``student.init`` and BiSpikCLMConfig overrides);
-    ``calibration``: token ids ``[S, N]`` for ``init: calibrated``."""
-    section = dict(recipe["student"])
-    kind, init = section.pop("kind", "spiking"), section.pop("init", "random")
-    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **section)
-    student = (same_shape_ann(config, attn_implementation="eager") if kind == "ann"
-               else BiSpikCLMForCausalLM(config))
-    init_from_teacher(student, teacher, init, calibration=calibration)
-    return student
 
 
 def train(student, recipe: dict, seed: int, train_seqs, val_seqs, folder: Path, teacher) -> dict:
@@ -210,9 +194,12 @@ def main() -> None:
             if (name, seed) in done:
                 results["runs"].append(done[(name, seed)])
                 continue
+            # drawn from the global generator right after seeding, as for every committed run in results/quality.json
+            # (not calibration_sequences' own generator): the weights that follow depend on it, so new runs stay
+            # comparable with the committed ones
             torch.manual_seed(seed)
             calibration = train_seqs[torch.randperm(len(train_seqs))[:args.calibration]]
-            student = build_student(teacher, recipe, calibration)
+            student = build_student(teacher, recipe["student"], calibration=calibration)
             scored0 = perplexity(student.eval(), test, context, batch_size=16, progress=False)
             step0 = scored0.perplexity
             if args.step0_only:

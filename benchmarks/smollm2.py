@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bispikclm.evaluation.parity import harness_folder  # noqa: E402
+from bispikclm.pipeline import blocks_ratio  # noqa: E402
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 PAPER_TASKS = ("arc_easy", "arc_challenge", "winogrande", "boolq", "piqa", "hellaswag", "openbookqa", "headqa")
 
@@ -118,13 +119,6 @@ def cost_tables(models: dict, data: str) -> dict:
             for against in ("teacher", "ann_student")}
 
 
-def _blocks_ratio(energy: dict) -> float:
-    def without_head(summary: dict) -> float:
-        return summary["energy_mj_per_token"] - summary["parts"].get("head", {}).get("mj_per_token", 0.0)
-
-    return without_head(energy["student"]) / without_head(energy["ann"])
-
-
 def write_results(args, out: Path, models: dict, log: list[str], timings: dict, parity: Path) -> None:
     rows = {}
     for name in models:
@@ -143,7 +137,7 @@ def write_results(args, out: Path, models: dict, log: list[str], timings: dict, 
         "ratio_to_teacher": rows["student"]["ppl"] / rows["teacher"]["ppl"],
         "ratio_to_ann_student": rows["student"]["ppl"] / rows["ann_student"]["ppl"],
         "ann_student_ratio_to_teacher": rows["ann_student"]["ppl"] / rows["teacher"]["ppl"],
-        "energy": {"student_to_teacher": energy["ratio"], "blocks_student_to_teacher": _blocks_ratio(energy),
+        "energy": {"student_to_teacher": energy["ratio"], "blocks_student_to_teacher": blocks_ratio(energy),
                    "student_mj_per_token": energy["student"]["energy_mj_per_token"],
                    "teacher_mj_per_token": energy["ann"]["energy_mj_per_token"], "tokens": energy["tokens"]},
         "zeroshot_limit": args.zeroshot_limit,

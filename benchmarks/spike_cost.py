@@ -1,7 +1,7 @@
 """Perplexity against energy at the quickstart scale: the spiking head and the `spike_cost` training term.
 
-Every variant distills the same student (same seed, data order and token budget as the quickstart) from the same
-frozen quickstart teacher, changing only ``student.spiking_head`` and ``train.spike_cost``, then is scored on
+Every variant distills the same student (same seed, data order, token budget and ``student.init`` as the
+quickstart) from the same frozen quickstart teacher, changing only ``student.spiking_head`` and ``train.spike_cost``, then is scored on
 WikiText-2 test perplexity and counted by the energy model against the teacher on the first test windows.
 Writes results/spike_cost.json and a plot of perplexity against % of the ANN's energy.
 
@@ -24,15 +24,12 @@ from pathlib import Path
 
 import torch
 
-from bispikclm.commands.quickstart import blocks_ratio, unigram_perplexity, wikitext_ids
-from bispikclm.configuration import BiSpikCLMConfig
 from bispikclm.data import default_data_dir, pack
-from bispikclm.distill import TrainConfig, Trainer, load_teacher
+from bispikclm.distill import TrainConfig, Trainer
 from bispikclm.energy import EnergyTable, count_operations, energy_report
 from bispikclm.evaluation.perplexity import perplexity
-from bispikclm.modeling import BiSpikCLMForCausalLM
+from bispikclm.pipeline import blocks_ratio, build_student, load_saved_teacher, unigram_perplexity, wikitext_ids
 from bispikclm.recipes import load_recipe, merge, parse_overrides
-from bispikclm.report import model_dir
 
 
 def parse_variant(text: str) -> tuple[bool, float]:
@@ -102,7 +99,7 @@ def main() -> None:
     tokenizer, ids = wikitext_ids(Path(args.data), recipe["tokenizer"]["vocab_size"], Path(args.cache_dir))
     train_seqs, val_seqs, test = pack(ids["train"], context), pack(ids["valid"], context), ids["test"]
     energy_ids = pack(test, context)[: args.energy_windows]
-    teacher = load_teacher(str(model_dir(Path(args.teacher))))
+    teacher = load_saved_teacher(args.teacher)
     ann_count = count_operations(teacher, energy_ids, name="quickstart teacher")
     results = {"command": "python " + shlex.join(["benchmarks/spike_cost.py", *sys.argv[1:]]),
                "date": datetime.date.today().isoformat(), "torch": torch.__version__, "teacher": args.teacher,
@@ -114,8 +111,7 @@ def main() -> None:
     for name, (spiking, weight) in variants.items():
         cfg = TrainConfig.from_dict({**recipe["train"], "spike_cost": weight})
         torch.manual_seed(cfg.seed)
-        student = BiSpikCLMForCausalLM(BiSpikCLMConfig.from_teacher_config(
-            teacher.config, **{**recipe["student"], "spiking_head": spiking}))
+        student = build_student(teacher, {**recipe["student"], "spiking_head": spiking}, train_seqs, seed=cfg.seed)
         folder = out / name.replace(":", "-")
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()

@@ -26,19 +26,12 @@ BATCH = {"tiny": 8, "opt-125m": 1}
 
 
 def build(kind: str, shape: str, time_steps: int):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+    from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM, same_shape_ann
 
     student_cfg = BiSpikCLMConfig.from_preset(shape, time_steps=max(time_steps, 1))
     if kind == "student":
         return BiSpikCLMForCausalLM(student_cfg)
-    cfg = OPTConfig(vocab_size=student_cfg.vocab_size, hidden_size=student_cfg.hidden_size,
-                    num_hidden_layers=student_cfg.num_hidden_layers, ffn_dim=student_cfg.ffn_dim,
-                    num_attention_heads=student_cfg.num_attention_heads,
-                    max_position_embeddings=student_cfg.max_position_embeddings, dropout=0.0,
-                    attn_implementation="eager")
-    return OPTForCausalLM(cfg)
+    return same_shape_ann(student_cfg, attn_implementation="eager")
 
 
 def measure(kind: str, shape: str, time_steps: int, repeats: int) -> dict:

@@ -226,7 +226,9 @@ class BiSpikCLMConfig(PretrainedConfig):
         positions (Llama) has none to copy, and the student's learned table gets ``min(2048, teacher's
         positions)`` rows unless ``max_position_embeddings`` is given: size it to the training context
         (``bispikclm train`` does) and extend it later with
-        :meth:`~bispikclm.modeling.BiSpikCLMForCausalLM.resize_position_embeddings`."""
+        :meth:`~bispikclm.modeling.BiSpikCLMForCausalLM.resize_position_embeddings`.
+
+        ``overrides`` are BiSpikCLMConfig fields; any other key is an :class:`~bispikclm.errors.InvalidConfig`."""
         get = lambda *names: next((getattr(teacher, n) for n in names if getattr(teacher, n, None) is not None), None)  # noqa: E731
         hidden = get("hidden_size", "n_embd", "d_model")
         heads = get("num_attention_heads", "n_head")
@@ -247,6 +249,10 @@ class BiSpikCLMConfig(PretrainedConfig):
             tie_word_embeddings=bool(getattr(teacher, "tie_word_embeddings", True)),
             pad_token_id=get("pad_token_id"), bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
         )
+        unknown = sorted(set(overrides) - set(BiSpikCLMConfig.__annotations__))
+        if unknown:     # PretrainedConfig would keep them as attributes that nothing reads
+            raise InvalidConfig(f"BiSpikCLMConfig has unknown settings {unknown} (known: "
+                                f"{sorted(BiSpikCLMConfig.__annotations__)})")
         missing = [k for k, v in shape.items()
                    if v is None and not k.endswith("token_id") and k not in ("num_key_value_heads", "head_dim")]
         if missing:

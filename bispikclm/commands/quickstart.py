@@ -13,13 +13,10 @@ teacher, MatMul-free audit, firing-pattern pictures, ``report.html``; see ``bisp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..paths import default_data_dir
@@ -27,9 +24,6 @@ from ..recipes import load_recipe, merge, parse_overrides
 from ..recipes.schema import QUICKSTART_SECTIONS, TEACHER_FIELDS, TOKENIZER_TYPES
 from ..runfolder import hold
 from ..validation import check_text_file, check_types, need
-
-if TYPE_CHECKING:
-    import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,40 +55,6 @@ def recipe_from_args(args: argparse.Namespace) -> dict:
     return merge(merge(load_recipe(args.recipe), flags), parse_overrides(args.set))
 
 
-def wikitext_ids(data: Path, vocab_size: int, cache_dir: Path):
-    """Tokenizer trained on WikiText-2 train (cached) and the token ids of train/valid/test (cached)."""
-    import torch
-
-    from ..data import encode, load_texts, train_tokenizer
-
-    folder = data / "wikitext-2"
-    try:
-        digest = hashlib.sha256((folder / "train.txt").read_bytes()).hexdigest()[:16]
-    except OSError as err:
-        raise UserError(f"cannot read WikiText-2 from {folder}: {err.strerror}; pass --data DIR") from None
-    cache = cache_dir / f"wikitext2-bpe{vocab_size}-{digest}"
-    tokenizer = train_tokenizer(load_texts(str(folder), "train"), vocab_size, cache)
-    ids_path = cache / "ids.pt"
-    if ids_path.is_file():
-        ids = torch.load(ids_path, weights_only=True)
-    else:
-        ids = {split: encode(load_texts(str(folder), split), tokenizer) for split in ("train", "valid", "test")}
-        torch.save(ids, ids_path)
-    return tokenizer, ids
-
-
-def unigram_perplexity(train_ids: torch.Tensor, ids: torch.Tensor, vocab_size: int, context: int) -> float:
-    """Perplexity of the add-one smoothed unigram model on exactly the tokens that
-    :func:`bispikclm.evaluation.perplexity.perplexity` scores with non-overlapping windows of ``context``."""
-    import torch
-
-    from ..data import unigram_log_probs
-    from ..evaluation.perplexity import windows
-
-    targets = torch.cat([ids[first:end] for _, end, first in windows(ids.numel(), context, context)])
-    return math.exp(-float(unigram_log_probs(train_ids, vocab_size)[targets].mean()))
-
-
 def plot_curves(out: Path) -> None:
     """``loss_curves.png``: training loss per step (with each SpAD term) of teacher and student."""
     import matplotlib
@@ -122,16 +82,15 @@ def plot_curves(out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
 
-    from ..ann import same_shape_ann
     from ..configuration import BiSpikCLMConfig
     from ..data import SPECIAL_TOKENS, pack
-    from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
-    from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
+    from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher
+    from ..distill.init import INIT_MODES, calibration_sequences
     from ..energy import format_cost_table, honest_cost, text_token_ids
     from ..evaluation.perplexity import perplexity
-    from ..modeling import BiSpikCLMForCausalLM
+    from ..pipeline import (blocks_ratio, build_student, load_saved_teacher, student_config,
+                            train_quickstart_teacher, unigram_perplexity, wikitext_ids)
     from ..report import build_report
 
     if args.threads:
@@ -169,35 +128,25 @@ def run(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(str(out / "tokenizer"))
     timings["data_s"] = time.perf_counter() - start
 
-    if teacher_cfg.early_stopping:    # a converged teacher: never fewer tokens than the students see
-        teacher_cfg.min_tokens = max(teacher_cfg.min_tokens, student_cfg.tokens)
     context = teacher_cfg.seq_len
     train_seqs, val_seqs = pack(ids["train"], context), pack(ids["valid"], context)
     progress = not args.no_progress
 
     start = time.perf_counter()
-    torch.manual_seed(teacher_cfg.seed)
-    opt_config = OPTConfig(vocab_size=len(tokenizer), word_embed_proj_dim=recipe["teacher"]["hidden_size"],
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, **recipe["teacher"])
-    trained = Trainer(OPTForCausalLM(opt_config), teacher_cfg, train_seqs, val_seqs, out / "teacher",
-                      progress=progress, tokenizer=tokenizer).fit()
+    trained = train_quickstart_teacher(recipe, tokenizer, train_seqs, val_seqs, out / "teacher", progress=progress)
     timings["teacher_train_s"] = time.perf_counter() - start
-    teacher = load_teacher(str(out / "teacher" / "model"), dtype=TEACHER_DTYPES[student_cfg.teacher_dtype])
+    teacher = load_saved_teacher(out / "teacher", dtype=TEACHER_DTYPES[student_cfg.teacher_dtype])
     check_teacher(teacher, len(tokenizer), student_cfg.seq_len)
 
-    student_section = dict(recipe["student"])
-    init = student_section.pop("init", "random")      # both students start from the same teacher weights
-    config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section_for(student_section, init))
+    config = student_config(teacher.config, recipe["student"])
     calibration = calibration_sequences(train_seqs, seed=student_cfg.seed)
     students = {"student": None} if args.no_ann_student else {"ann_student": None, "student": None}
     runs = {}
-    for name in students:   # the same seed, data order, losses and tokens for both students
+    for name in students:   # the same seed, data order, losses, tokens and teacher weights for both students
         start = time.perf_counter()
         torch.manual_seed(student_cfg.seed)
-        model = (BiSpikCLMForCausalLM(config) if name == "student"
-                 else same_shape_ann(config, attn_implementation="eager"))
-        init_from_teacher(model, teacher, init, calibration=calibration)
+        model = build_student(teacher, recipe["student"], calibration=calibration,
+                              kind="spiking" if name == "student" else "ann")
         runs[name] = Trainer(model, student_cfg, train_seqs, val_seqs, out / name, teacher=teacher,
                              progress=progress, tokenizer=tokenizer).fit()
         students[name] = model
@@ -287,11 +236,3 @@ def head_share(energy: dict) -> float:
     product)."""
     head = energy["student"]["parts"].get("head", {})
     return head.get("percent_of_total", 0.0)
-
-
-def blocks_ratio(energy: dict) -> float:
-    """Student energy over the ANN's with both heads left out (embedding, blocks, neurons, residuals)."""
-    def without_head(summary: dict) -> float:
-        return summary["energy_mj_per_token"] - summary["parts"].get("head", {}).get("mj_per_token", 0.0)
-
-    return without_head(energy["student"]) / without_head(energy["ann"])

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 from ..recipes import load_recipe, merge, parse_overrides
 from ..recipes.schema import (CACHE_FIELDS, DATA_TYPES, MODEL_TYPES, REQUIRED_SECTIONS, SECTIONS, SOURCE_TYPES,
-                              STUDENT_KEYS, STUDENT_KINDS)
+                              STUDENT_KEYS)
 from ..runfolder import hold, write_file, writing
 from ..validation import check_text_file, check_types, need
 
@@ -82,13 +82,10 @@ def check_resumed_data(path: Path, meta: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..ann import same_shape_ann
     from ..checkpoints import load_tokenizer
-    from ..configuration import BiSpikCLMConfig, has_rotary_positions
     from ..data import data_meta, training_data
     from ..distill import TEACHER_DTYPES, TrainConfig, Trainer, check_teacher, load_teacher
-    from ..distill.init import INIT_MODES, calibration_sequences, init_from_teacher, student_section_for
-    from ..modeling import BiSpikCLMForCausalLM
+    from ..pipeline import build_student, student_config
 
     recipe = merge(load_recipe(args.recipe), parse_overrides(args.set))
     check_recipe(recipe, args.recipe)
@@ -99,18 +96,10 @@ def run(args: argparse.Namespace) -> int:
     teacher = load_teacher(recipe["teacher"], dtype=TEACHER_DTYPES[config.teacher_dtype])
     tokenizer = load_tokenizer(str(recipe.get("tokenizer") or recipe["teacher"]))
     check_teacher(teacher, len(tokenizer), config.seq_len)
-    student_section = dict(recipe.get("student") or {})
-    kind, init = student_section.pop("kind", "spiking"), student_section.pop("init", "random")
-    if kind not in STUDENT_KINDS:
-        raise UserError(f"student.kind must be one of {STUDENT_KINDS}, got {kind!r}")
-    if init not in INIT_MODES:
-        raise UserError(f"student.init must be one of {INIT_MODES}, got {init!r}")
-    if "max_position_embeddings" not in student_section and has_rotary_positions(teacher.config):
-        student_section["max_position_embeddings"] = config.seq_len    # a learned table sized to the context
-    student_config = BiSpikCLMConfig.from_teacher_config(teacher.config, **student_section_for(student_section, init))
-    if config.seq_len > student_config.max_position_embeddings:
-        raise UserError(f"sequence length {config.seq_len} is beyond the student's "
-                        f"{student_config.max_position_embeddings} positions")
+    # checked before anything is written; a rotary teacher's student gets a learned table sized to the context
+    positions = student_config(teacher.config, recipe.get("student"), config.seq_len).max_position_embeddings
+    if config.seq_len > positions:
+        raise UserError(f"sequence length {config.seq_len} is beyond the student's {positions} positions")
     for split, source in recipe["data"].items():
         check_local_source(source, split)
     tokenizer_name = str(recipe.get("tokenizer") or recipe["teacher"])
@@ -121,14 +110,7 @@ def run(args: argparse.Namespace) -> int:
     train_seqs, val_seqs = training_data(recipe["data"], tokenizer, config.seq_len, Path(args.out) / "data",
                                          tokenizer_name)
     torch.manual_seed(config.seed)
-    student = (BiSpikCLMForCausalLM(student_config) if kind == "spiking"
-               else same_shape_ann(student_config, attn_implementation="eager"))
-    if init != "random":
-        try:
-            calibration = calibration_sequences(train_seqs, seed=config.seed)
-            init_from_teacher(student, teacher, init, calibration=calibration)
-        except ValueError as err:        # a teacher or student that this init cannot serve
-            raise UserError(f"student.init {init}: {err}") from None
+    student = build_student(teacher, recipe.get("student"), train_seqs, seed=config.seed, seq_len=config.seq_len)
     cache = None
     if recipe.get("teacher_cache") is not None:
         cache = build_teacher_cache(recipe["teacher_cache"], teacher, student, config, train_seqs, args.out,
