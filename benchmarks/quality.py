@@ -25,6 +25,7 @@ import torch
 from bispikclm.data import default_data_dir, pack
 from bispikclm.distill import TrainConfig, Trainer, load_teacher
 from bispikclm.distill.calibrate import set_time_steps
+from bispikclm.errors import UserError
 from bispikclm.evaluation.perplexity import perplexity
 from bispikclm.pipeline import build_student, unigram_perplexity, wikitext_ids
 from bispikclm.recipes import load_recipe, merge, parse_overrides
@@ -80,6 +81,26 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                 ["student.num_key_value_heads=2", "student.ffn_type=gated", "student.ffn_gate=and",
                  "student.ffn_dim=344"]),
 }
+
+
+def variant_spec(spec: str) -> str:
+    """An argparse type: ``NAME`` or ``NAME@section.key=value,...`` with NAME a key of :data:`VARIANTS`."""
+    name = spec.partition("@")[0]
+    if name not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    try:                                     # a bad override is an argument error, before any training
+        parse_overrides(variant(spec)[1])
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return spec
+
+
+def variant(spec: str) -> tuple[str, list[str]]:
+    """(description, overrides) of ``NAME`` or ``NAME@section.key=value,...`` (the extras after the variant's own)."""
+    name, _, extra = spec.partition("@")
+    description, overrides = VARIANTS[name]
+    extras = [e for e in extra.split(",") if e]
+    return (f"{description}; with {', '.join(extras)}" if extras else description), overrides + extras
 
 
 def paper_recipe(quickstart: dict) -> dict:
@@ -150,7 +171,9 @@ def main() -> None:
     parser.add_argument("--results", default="results/quality.json")
     parser.add_argument("--tokens", type=int, help="student tokens per run (default: the quickstart's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["paper"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["paper"], type=variant_spec, metavar="VARIANT[@KEY=VALUE,...]",
+                        help=f"variants ({', '.join(VARIANTS)}), each optionally with extra overrides after '@', "
+                             "e.g. calibrated_logits@train.spike_cost=3")
     parser.add_argument("--eval-windows", type=int, help="test windows to score (default: the whole test set)")
     parser.add_argument("--step0-only", action="store_true", help="score each student before training, no training")
     parser.add_argument("--calibration", type=int, default=64, help="training sequences for init: calibrated")
@@ -187,9 +210,9 @@ def main() -> None:
         results["variants"] = {k: v for k, v in old["variants"].items() if k not in args.variants}
         results["seeds"] = sorted(set(old["seeds"]) | set(args.seeds))
     for name in args.variants:
-        description, overrides = VARIANTS[name]
+        description, overrides = variant(name)
         results["descriptions"][name] = {"what": description, "overrides": overrides}
-        recipe = quickstart if name == "quickstart" else merge(base, parse_overrides(overrides))
+        recipe = merge(quickstart if name.partition("@")[0] == "quickstart" else base, parse_overrides(overrides))
         for seed in args.seeds:
             if (name, seed) in done:
                 results["runs"].append(done[(name, seed)])
