@@ -163,9 +163,12 @@ def test_dense_prefill_gives_the_event_driven_bits(tokenizer, test_text, overrid
     assert max(v.max() for k, v in ours.items() if k.endswith("out_proj")) > 1      # counts, not only spikes
 
 
-def test_one_call_path_reads_thresholds_set_on_the_engine(tokenizer, test_text):
-    """Thresholds assigned to an engine's neurons (as a firing-rate sweep does) reach the one-call path."""
-    model = quantize_(make_model(time_steps=2), head=True)
+@pytest.mark.parametrize("overrides", [{}, dict(per_channel_neurons=True, fire="count", beta=1.0,
+                                                initial_membrane=0.5)])
+def test_one_call_path_reads_thresholds_set_on_the_engine(tokenizer, test_text, overrides):
+    """Thresholds assigned to an engine's neurons (as a firing-rate sweep does) reach the one-call path, for one
+    threshold per module and one per channel (a calibrated student's)."""
+    model = quantize_(make_model(time_steps=2, **overrides), head=True)
     ids = torch.tensor(tokenizer(" ".join(test_text[:2]))["input_ids"][:32])
     engines = [PackedEngine.from_model(model, int8=True, fused=fused) for fused in (True, False)]
     rates = []

@@ -107,8 +107,9 @@ class Neuron:
         as_array = lambda v: np.array(v.detach().float().numpy() if torch.is_tensor(v) else v, np.float32)  # noqa: E731
         threshold, initial = as_array(threshold), as_array(initial)
         if channels is not None:
-            threshold = np.ascontiguousarray(np.broadcast_to(threshold, (channels,)))
-            initial = np.ascontiguousarray(np.broadcast_to(initial, (channels,)))
+            # copies: broadcast_to gives a read-only view, and a per-channel array would stay one
+            threshold = np.broadcast_to(threshold, (channels,)).copy()
+            initial = np.broadcast_to(initial, (channels,)).copy()
         return cls(np.float32(as_array(beta)), threshold, initial, module.fire == "count")
 
 
