@@ -6,7 +6,8 @@ the same shape (:func:`bispikclm.ann.same_shape_ann`: OPT, or Llama for a gated 
 PyTorch dynamic int8 (``torch.ao.quantization.quantize_dynamic``), torchao int8 when installed, and llama.cpp
 (``llama-cpp-python``) at Q8_0 and Q4_0 on a GGUF of the same weights written with the ``gguf`` package and
 quantized by llama.cpp itself (llama.cpp has no OPT: an OPT runs as its GPT-2 architecture, the same matrices,
-learned positions and LayerNorms, with GELU for ReLU), on its plain CPU kernels (:func:`load_llama_cpp`).
+learned positions and LayerNorms, with GELU for ReLU), with its own CPU buffer types (repacked Q4_0/Q8_0) unless
+the build has AMX, which crashes in this virtual machine (:func:`llama_cpp_buffers`; recorded in the json).
 
 Shapes: the trained quickstart student (``--run-dir``, its own thresholds) and its trained ANN; the
 ``opt-125m`` and ``smollm2-135m`` shapes with random weights (seed 0), the engine at a sweep of firing rates
@@ -351,14 +352,43 @@ def llama_cpp_run(llm, prompt: list[int], decode: list[int]) -> tuple[float, lis
     return prefill, [timed(lambda t=t: llm.eval([t])) for t in decode]
 
 
+def llama_cpp_system() -> str:
+    """llama.cpp's own line of the CPU features it was built for (``AMX_INT8 = 1``, ``REPACK = 1``, ...)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
+def llama_cpp_buffers() -> str:
+    """``default``: llama.cpp's own CPU buffer types (the repacked Q4_0/Q8_0 layouts its fastest CPU kernels read);
+    ``plain``: without them, for a build with AMX: there llama.cpp moves Q8_0/Q4_0 weights into its AMX buffer type,
+    which crashes at the first decode in this virtual machine (measured: segmentation fault), and the only way to
+    leave AMX out at run time also leaves out the repacking. Build without AMX for the default buffers
+    (``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF"``, docs/engine.md)."""
+    return "plain" if "AMX_INT8 = 1" in llama_cpp_system() else "default"
+
+
+def llama_cpp_peer() -> dict | None:
+    """What the llama.cpp rows ran on: version, build features and buffer types (None without llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return {"version": llama_cpp.__version__, "system_info": llama_cpp_system(), "buffers": llama_cpp_buffers()}
+
+
 def load_llama_cpp(path: Path, batch: int, threads: int):
-    """A ``llama_cpp.Llama`` on ``path`` without llama.cpp's extra CPU buffer types: built natively on this CPU
-    (``GGML_NATIVE``), llama.cpp moves Q8_0/Q4_0 weights into its AMX buffer type and crashes at the first decode in
-    this virtual machine (measured: segmentation fault); the plain ggml CPU kernels (AVX-512) run. ``Llama`` takes
-    no option for it, so its model parameters are made with ``use_extra_bufts = False``."""
+    """A ``llama_cpp.Llama`` on ``path`` with the buffers of :func:`llama_cpp_buffers` (``Llama`` takes no option
+    for them, so for ``plain`` its model parameters are made with ``use_extra_bufts = False``)."""
     import llama_cpp
     from llama_cpp import llama_cpp as api
 
+    def load():
+        return llama_cpp.Llama(str(path), n_ctx=256, n_batch=batch, n_threads=threads, n_threads_batch=threads,
+                               verbose=False)
+
+    if llama_cpp_buffers() == "default":
+        return load()
     default = api.llama_model_default_params
 
     def plain_buffers():
@@ -368,8 +398,7 @@ def load_llama_cpp(path: Path, batch: int, threads: int):
 
     api.llama_model_default_params = plain_buffers
     try:
-        return llama_cpp.Llama(str(path), n_ctx=256, n_batch=batch, n_threads=threads, n_threads_batch=threads,
-                               verbose=False)
+        return load()
     finally:
         api.llama_model_default_params = default
 
@@ -845,6 +874,7 @@ def main() -> None:
                   "engine": "T = 2; int8 blocks + int8 head" + ("" if missing_4bit else ", and 4-bit blocks + head")
                             + "; random shapes: random init (seed 0), thresholds scaled to hit each firing rate",
                   "four_bit": missing_4bit or "measured", "text": "WikiText-2 test",
+                  "llama_cpp": llama_cpp_peer(),
                   "perplexity": f"{args.ppl_windows} windows of {PPL_CONTEXT} WikiText-2 test tokens "
                                 "(quickstart shape)"},
         "shapes": {},

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.distill.init import init_from_teacher
-from bispikclm.distill.losses import (AttentionLoss, EmbeddingLoss, FeatureLoss, HardTargetLoss, SoftTargetLoss,
-                                      SpADLoss, layer_map, projector, rate_target)
+from bispikclm.distill.losses import (AttentionLoss, EmbeddingLoss, FeatureLoss, FiringRateLoss, HardTargetLoss,
+                                      SoftTargetLoss, SpADLoss, layer_map, projector, rate_target)
 from bispikclm.distill.teacher import TeacherOutput
-from bispikclm.neurons import LIFNeuron
+from bispikclm.neurons import FiringRateRecorder, LIFNeuron
 from helpers import make_teacher, make_tokenizer
 
 
@@ -235,3 +235,27 @@ def test_ann_student_starts_from_the_same_teacher_information(data_dir, tmp_path
     assert torch.equal(ann(ids).logits, teacher(ids).logits)
     narrow = same_shape_ann(BiSpikCLMConfig.from_teacher_config(teacher.config, hidden_size=16))
     assert init_from_teacher(narrow, teacher, "all") == ["token embedding", "position embedding"]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(per_channel_neurons=True, fire="count", beta=1.0,
+                                                initial_membrane=0.5)])
+def test_firing_rate_loss_is_the_recorded_overall_rate_and_has_a_gradient(overrides):
+    """`train.rate_cost`'s term equals the spikes over neuron updates that FiringRateRecorder counts on the same
+    forward pass (causal attention entries only), and its gradient reaches the weights that drive the neurons."""
+    torch.manual_seed(0)
+    config = BiSpikCLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                             max_position_embeddings=16, time_steps=2, **overrides)
+    model = BiSpikCLMForCausalLM(config).train()
+    rate = FiringRateLoss(model)
+    input_ids = torch.randint(0, 50, (2, 12))
+    with FiringRateRecorder(model.neurons()) as recorder, rate.recording():
+        model(input_ids, use_cache=False)
+        value = rate.value()
+    assert 0 < value.item() < 1
+    assert value.item() == pytest.approx(recorder.overall(), rel=1e-6)
+    value.backward()
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    model(input_ids, use_cache=False)        # not recording: nothing collected
+    assert rate._sums is None
+    rate.remove()

@@ -175,24 +175,30 @@ def test_nan_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(set
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
 
 
-def test_spike_cost_term_trains_towards_fewer_costly_spikes(setup, tmp_path, capsys):
-    """`train.spike_cost` adds the linear-layer cost estimate to the loss: the same run with it ends with a lower
-    logged cost (`loss_cost`, logged for every spiking student) than without; a negative weight is a user error."""
+@pytest.mark.parametrize("setting, logged, off", [("spike_cost", "loss_cost", 0.0), ("rate_cost", "loss_rate", 0.0001)])
+def test_spike_and_rate_costs_train_towards_fewer_spikes(setup, tmp_path, capsys, setting, logged, off):
+    """`train.spike_cost` adds the linear-layer cost estimate to the loss (`loss_cost`, logged for every spiking
+    student), `train.rate_cost` the mean firing rate of every neuron (`loss_rate`, logged when on): the same run
+    with a large weight ends with a lower logged value than with none (or a negligible one); a negative weight is
+    a user error, and so is any weight for an ANN student."""
     root, teacher, data_dir = setup
     recipe = write_recipe(tmp_path / "r.yaml", teacher, data_dir, tokens=4 * 32 * 20)
     last = {}
-    for weight in (0.0, 20.0):
-        out = tmp_path / f"cost-{weight}"
+    for weight in (off, 20.0):
+        out = tmp_path / f"{setting}-{weight}"
         assert main(["train", str(recipe), "--out", str(out), "--no-progress", "--set",
-                     f"train.spike_cost={weight}"]) == 0
+                     f"train.{setting}={weight}"]) == 0
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        costs = [r["loss_cost"] for r in rows if "loss_cost" in r]
-        assert len(costs) == 20 and all(0 < c < 1 for c in costs)
-        last[weight] = sum(costs[-5:]) / 5
-    assert last[20.0] < 0.7 * last[0.0], last
+        values = [r[logged] for r in rows if logged in r]
+        assert len(values) == 20 and all(0 < v < 1 for v in values)
+        last[weight] = sum(values[-5:]) / 5
+    assert last[20.0] < 0.7 * last[off], last
     assert main(["train", str(recipe), "--out", str(tmp_path / "neg"), "--no-progress", "--set",
-                 "train.spike_cost=-1"]) == 2
-    assert "spike_cost must be >= 0" in error_line(capsys)
+                 f"train.{setting}=-1"]) == 2
+    assert f"{setting} must be >= 0" in error_line(capsys)
+    assert main(["train", str(recipe), "--out", str(tmp_path / "ann"), "--no-progress", "--set",
+                 "student.kind=ann", "--set", f"train.{setting}=1"]) == 2
+    assert f"{setting} must be >= 0 and needs a spiking student" in error_line(capsys)
 
 
 def test_early_stopping_keeps_the_best_weights_and_resumes_stopped(setup):

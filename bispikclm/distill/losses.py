@@ -317,7 +317,57 @@ class SpADLoss(nn.Module):
         return loss, {name: value.detach() for name, value in terms.items()}
 
 
-class SpikeCostLoss:
+class _Recorded:
+    """Sums that forward hooks collect while :meth:`recording` is active (``self._sums``; ``None`` outside), and
+    the hooks' removal."""
+
+    _sums: list | None
+    handles: list
+
+    @contextlib.contextmanager
+    def recording(self):
+        self._sums = []
+        try:
+            yield
+        finally:
+            self._sums = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class FiringRateLoss(_Recorded):
+    """The student's mean firing rate, kept differentiable: every spike of every LIF neuron over every neuron
+    update (the rate :meth:`bispikclm.neurons.FiringRateRecorder.overall` reports; entries outside a call's
+    ``valid`` mask, such as non-causal attention entries, are not counted). Weighting it in the loss
+    (``TrainConfig.rate_cost``) trains towards fewer spikes everywhere, including the neurons whose spikes only
+    enter the residual stream, which :class:`SpikeCostLoss` does not charge (they read no weights). Its gradient
+    flows through the neurons' surrogate gradients. Forward hooks collect the sums while :meth:`recording` is
+    active."""
+
+    def __init__(self, model) -> None:
+        self._sums: list | None = None
+        self.handles = [n.register_forward_hook(self._hook, with_kwargs=True) for n in model.neurons().values()]
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, spikes: torch.Tensor) -> None:
+        if self._sums is None or torch._C._current_graph_task_id() != -1:   # not recording, or a replay in backward
+            return
+        valid = kwargs.get("valid", args[1] if len(args) > 1 else None)
+        if valid is None:
+            self._sums.append((spikes.sum(dtype=torch.float32), spikes.numel()))
+        else:
+            valid = valid.to(spikes.dtype).expand_as(spikes)
+            self._sums.append(((spikes * valid).sum(dtype=torch.float32), valid.sum()))
+
+    def value(self) -> torch.Tensor:
+        """Spikes over neuron updates of the forward passes recorded so far in :meth:`recording`."""
+        if not self._sums:
+            raise RuntimeError("no neuron ran while recording")
+        return torch.stack([f for f, _ in self._sums]).sum() / sum(float(n) for _, n in self._sums)
+
+
+class SpikeCostLoss(_Recorded):
     """Differentiable estimate of what the student's linear layers cost per token, as a fraction of what the
     same-shape ANN's linear layers (head included) cost::
 
@@ -346,20 +396,8 @@ class SpikeCostLoss:
         if self._sums is not None:
             self._sums.append(inputs[0].sum(dtype=torch.float32) * module.out_features)
 
-    @contextlib.contextmanager
-    def recording(self):
-        self._sums = []
-        try:
-            yield
-        finally:
-            self._sums = None
-
     def value(self, tokens: int) -> torch.Tensor:
         """The estimate for the forward passes recorded so far in :meth:`recording`, over ``tokens`` tokens."""
         if not self._sums:
             raise RuntimeError("no spiking linear layer ran while recording")
         return self.ac_over_mac * torch.stack(self._sums).sum() / (tokens * self.ann_macs)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()

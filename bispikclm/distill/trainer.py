@@ -28,7 +28,7 @@ from .. import runfolder
 from ..errors import UserError
 from ..validation import check_types, need
 from . import sharded
-from .losses import DEFAULT_WEIGHTS, RATE_TARGETS, SpADLoss, SpikeCostLoss
+from .losses import DEFAULT_WEIGHTS, RATE_TARGETS, FiringRateLoss, SpADLoss, SpikeCostLoss
 from .teacher import teacher_forward
 
 
@@ -46,7 +46,8 @@ def check_train_settings(values: dict, annotations: dict[str, str], where: str =
     check_types(where, values, annotations)
     at_least = {"tokens": 1, "seq_len": 1, "batch_size": 1, "micro_batch_size": 1, "vocab_chunk_size": 1,
                 "log_every": 1, "keep_checkpoints": 1, "max_bad_steps": 1, "eval_every": 0, "eval_batches": 0,
-                "save_every": 0, "weight_decay": 0, "clip": 0, "spike_cost": 0}
+                "save_every": 0, "weight_decay": 0, "clip": 0, "spike_cost": 0,
+                "rate_cost": 0}
     for key, low in at_least.items():
         if values.get(key) is not None:
             need(values[key] >= low, f"{where}.{key}", f"must be >= {low}", values[key])
@@ -97,6 +98,7 @@ class TrainConfig:
     max_bad_steps: int = 5                  # stop after this many NaN/Inf steps in a row
     firing_rates: bool = True               # log per-layer firing rates (spiking students)
     spike_cost: float = 0.0                 # weight of losses.SpikeCostLoss (fewer spikes where they cost most)
+    rate_cost: float = 0.0                  # weight of losses.FiringRateLoss (the mean firing rate of every neuron)
     teacher_dtype: str = "float32"          # dtype the teacher is loaded and run in, see TEACHER_DTYPES
     gradient_checkpointing: bool = False    # recompute each block in backward instead of keeping its activations
     fsdp: bool = False                      # shard each block and the model over the processes (FSDP2)
@@ -289,7 +291,10 @@ class Trainer:
         self.spiking = hasattr(model, "neurons")
         if config.spike_cost < 0 or (config.spike_cost > 0 and not self.spiking):
             raise UserError(f"spike_cost must be >= 0 and needs a spiking student (got {config.spike_cost})")
+        if config.rate_cost < 0 or (config.rate_cost > 0 and not self.spiking):
+            raise UserError(f"rate_cost must be >= 0 and needs a spiking student (got {config.rate_cost})")
         self.cost = SpikeCostLoss(model) if self.spiking else None
+        self.rate_loss = FiringRateLoss(model) if config.rate_cost else None
         torch.manual_seed(config.seed)
         if config.gradient_checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -307,7 +312,7 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
-        for name, default in (("spike_cost", 0.0), ("rate_targets", "paper"), ("teacher_dtype", "float32"),
+        for name, default in (("spike_cost", 0.0), ("rate_cost", 0.0), ("rate_targets", "paper"), ("teacher_dtype", "float32"),
                               ("early_stopping", 0), ("min_tokens", 0), ("fsdp", False),
                               ("fsdp_offload", False)):
             if run[name] == default:    # checkpoints written before the setting existed still resume
@@ -346,9 +351,11 @@ class Trainer:
             extra["output_firing_rates"] = record_rates
         else:
             extra.pop("output_spike_rates", None)
-        with self.cost.recording() if self.cost else contextlib.nullcontext():
+        rates = self.rate_loss.recording() if self.rate_loss else contextlib.nullcontext()
+        with self.cost.recording() if self.cost else contextlib.nullcontext(), rates:
             out = self.model(input_ids, use_cache=False, **extra)
             cost = self.cost.value(input_ids.numel()) if self.cost else None
+            rate = self.rate_loss.value() if self.rate_loss else None
         if self.teacher_cache is not None:
             teacher_out = self.teacher_cache.outputs(indices, input_ids.device)
         else:
@@ -358,6 +365,9 @@ class Trainer:
             terms["cost"] = cost.detach()
             if self.config.spike_cost:
                 loss = loss + self.config.spike_cost * cost
+        if rate is not None:
+            terms["rate"] = rate.detach()
+            loss = loss + self.config.rate_cost * rate
         return out, (loss, terms)
 
     def clip_gradients(self) -> torch.Tensor:
