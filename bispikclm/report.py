@@ -4,7 +4,7 @@
   as tokens x neurons;
 * firing rate per block and neuron group (a heat map);
 * student against teacher attention maps: mean_t P of SFSA beside the teacher's softmax probabilities,
-  averaged over heads (blocks mapped uniformly when depths differ);
+  averaged over heads (blocks paired as distillation pairs them, ``distill.losses.layer_map``);
 * energy per token by part, student against the ANN (:mod:`bispikclm.energy`), and the audit
   (:mod:`bispikclm.audit`).
 """
@@ -27,8 +27,13 @@ from torch import nn  # noqa: E402
 
 from .audit import audit, format_audit  # noqa: E402
 from .configuration import NEURON_GROUPS  # noqa: E402
-from .energy import (PARTS, count_operations, energy_report, format_report, load_checkpoint,  # noqa: E402
-                     same_shape_ann, save_report, text_token_ids)
+from .distill.losses import layer_map  # noqa: E402
+from .ann import same_shape_ann  # noqa: E402
+from .checkpoints import check_vocabulary, load_pretrained  # noqa: E402
+from .configuration import max_positions  # noqa: E402
+from .cost_tables import PARTS  # noqa: E402
+from .data import text_token_ids  # noqa: E402
+from .energy import count_operations, energy_report, format_report, save_report  # noqa: E402
 from .errors import UserError  # noqa: E402
 
 
@@ -94,15 +99,15 @@ def plot_firing_rates(by_layer: dict[str, dict[str, float]], path: str | Path) -
 @torch.no_grad()
 def attention_maps(student: nn.Module, teacher: nn.Module | None, input_ids: torch.LongTensor):
     """Head-averaged maps of the first sequence: student mean_t P per block ``[N, N]``, and the teacher's
-    softmax probabilities of the uniformly mapped block (``None`` without a teacher)."""
+    softmax probabilities of the block distillation aligned it with (:func:`~bispikclm.distill.losses.layer_map`;
+    ``None`` without a teacher)."""
     maps = [a[0].float().mean(0) for a in student(input_ids=input_ids, use_cache=False,
                                                    output_attentions=True).attentions]
     if teacher is None:
         return maps, None
     teacher.set_attn_implementation("eager")
     teacher_maps = teacher(input_ids=input_ids, use_cache=False, output_attentions=True).attentions
-    depth = len(teacher_maps)
-    mapped = [teacher_maps[(l + 1) * depth // len(maps) - 1][0].float().mean(0) for l in range(len(maps))]
+    mapped = [teacher_maps[layer - 1][0].float().mean(0) for layer in layer_map(len(maps), len(teacher_maps))]
     return maps, mapped
 
 
@@ -160,25 +165,44 @@ def model_dir(folder: Path) -> Path | None:
     return None
 
 
+def report_models(spec: str | Path, teacher: str | Path | None = None) -> tuple[str, str | None]:
+    """``(student, teacher)`` model sources of a report: ``spec`` is a run folder holding ``student/`` and optionally
+    ``teacher/`` (``save_pretrained`` folders, or training run folders with them in ``model/``), or the student
+    itself (a folder, a ``.gguf`` file, a short name or a Hub name). ``teacher``, when given, replaces the run
+    folder's."""
+    folder = Path(spec)
+    if (folder / "student").is_dir():
+        student = model_dir(folder / "student")
+        if student is None:
+            raise UserError(f"{folder} has no student/ (or student/model/) folder with a saved model")
+        if teacher is None:
+            teacher = model_dir(folder / "teacher")
+    else:
+        student = (model_dir(folder) if folder.is_dir() else None) or spec
+    return str(student), None if teacher is None else str(teacher)
+
+
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, text: str | Path | None = None,
-                 tokens: int = 32, energy_seq_len: int = 256) -> Path:
-    """Pictures, ``energy.json``, ``audit.json`` and ``report.html`` (images embedded) for ``run_dir`` holding
-    ``student/`` and optionally ``teacher/`` (``save_pretrained`` folders with tokenizers, or training run folders
-    with them in ``model/``), in ``out_dir``
-    (default ``run_dir/report``). Returns the path of the HTML file."""
+                 tokens: int = 32, energy_seq_len: int = 256, teacher: str | Path | None = None) -> Path:
+    """Pictures, ``energy.json``, ``audit.json`` and ``report.html`` (images embedded) of a student against its
+    teacher (see :func:`report_models` for what ``run_dir`` and ``teacher`` may be; without a teacher, against a
+    same-shape OPT), in ``out_dir`` (default ``run_dir/report`` when ``run_dir`` is a folder). Returns the path of
+    the HTML file."""
+    student_spec, teacher_spec = report_models(run_dir, teacher)
+    if out_dir is None and not Path(run_dir).is_dir():
+        raise UserError(f"name the report's folder with --out ({str(run_dir)!r} is not a folder to write it in)")
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    student_dir, teacher_dir = model_dir(run_dir / "student"), model_dir(run_dir / "teacher")
-    if student_dir is None:
-        raise UserError(f"{run_dir} has no student/ (or student/model/) folder with a saved model")
-    student, tokenizer = load_checkpoint(student_dir)
+    student, tokenizer = load_pretrained(student_spec)
     if not hasattr(student.config, "time_steps"):
-        raise UserError(f"{student_dir} is not a BiSpikCLM student")
-    teacher = load_checkpoint(teacher_dir)[0] if teacher_dir is not None else None
-    out.mkdir(parents=True, exist_ok=True)
-    positions = student.config.max_position_embeddings
+        raise UserError(f"{student_spec} is not a BiSpikCLM student")
+    teacher = load_pretrained(teacher_spec)[0] if teacher_spec is not None else None
+    positions = max_positions(student)
     short = text_token_ids(tokenizer, text, tokens, max_length=positions)
     long = text_token_ids(tokenizer, text, min(energy_seq_len, positions))
+    if teacher is not None:
+        check_vocabulary(teacher, len(tokenizer), "teacher")
+    out.mkdir(parents=True, exist_ok=True)
 
     plot_firing_pattern(block_input_spikes(student, short), out / "firing_pattern.png")
     energy = energy_report(count_operations(student, long, name="student"),

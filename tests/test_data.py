@@ -114,7 +114,7 @@ def test_one_default_data_folder_for_commands_benchmarks_and_tasks(monkeypatch, 
     import argparse
 
     from bispikclm.commands import quickstart
-    from bispikclm.energy import default_text_path
+    from bispikclm.data import default_text_path
     from bispikclm.evaluation.perplexity import wikitext2_text
 
     monkeypatch.delenv("BISPIKCLM_DATA", raising=False)

@@ -13,10 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import cost_models
 from bispikclm.cli import main
+from bispikclm.checkpoints import load_pretrained
+from bispikclm.data import text_token_ids
 from bispikclm.energy import (BLOCK_PARTS, KIND_COST, EnergyTable, MemoryTable, bytes_read, cost_table,
-                              energy_per_token,
-                              count_operations, energy_report, format_cost_table, load_checkpoint, load_energy_table,
-                              text_token_ids)
+                              count_operations, energy_per_token, energy_report, format_cost_table,
+                              load_energy_table)
 from bispikclm.distill.losses import SpikeCostLoss
 from bispikclm.errors import UserError
 from bispikclm.neurons import LIFNeuron
@@ -29,7 +30,7 @@ def folders(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def input_ids(folders, data_dir):
-    tokenizer = load_checkpoint(folders["student"])[1]
+    tokenizer = load_pretrained(folders["student"])[1]
     return text_token_ids(tokenizer, data_dir / "wikitext-2" / "test.txt", seq_len=48, num_sequences=2)
 
 
@@ -69,7 +70,7 @@ def hooked_spike_counts(model, input_ids):
 
 
 def test_ann_count_matches_flop_counter(folders, input_ids):
-    teacher = load_checkpoint(folders["teacher"])[0]
+    teacher = load_pretrained(folders["teacher"])[0]
     implementation = teacher.config._attn_implementation
     count = count_operations(teacher, input_ids)
     assert teacher.config._attn_implementation == implementation   # restored after counting
@@ -107,7 +108,7 @@ def test_ann_count_matches_flop_counter_for_other_families(input_ids, family):
 
 @pytest.mark.parametrize("student", ["student", "spiking_student"])
 def test_ac_count_equals_spikes_times_fan_out(folders, input_ids, student):
-    model = load_checkpoint(folders[student])[0]
+    model = load_pretrained(folders[student])[0]
     count = count_operations(model, input_ids)
     products, neurons = hooked_spike_counts(model, input_ids)
     counted = defaultdict(float)
@@ -134,8 +135,8 @@ def test_ac_count_equals_spikes_times_fan_out(folders, input_ids, student):
 def test_spike_cost_loss_is_the_counted_linear_layer_ratio_and_has_a_gradient(folders, input_ids, student):
     """The training term `spike_cost` equals E_AC·(counted accumulates of the linear layers) / E_MAC·(the ANN's
     MACs of the same layers, head included), and its gradient reaches the weights that drive the neurons."""
-    model = load_checkpoint(folders[student])[0]
-    ann = load_checkpoint(folders["teacher"])[0]
+    model = load_pretrained(folders[student])[0]
+    ann = load_pretrained(folders["teacher"])[0]
     linear = lambda e: "·" not in e.name and e.part in ("attention", "ffn", "head")  # noqa: E731
     counted = sum(e.count for e in count_operations(model, input_ids).entries if e.kind == "ac" and linear(e))
     ann_macs = sum(e.count for e in count_operations(ann, input_ids).entries if e.kind == "mac" and linear(e))
@@ -157,10 +158,10 @@ def test_spike_cost_loss_is_the_counted_linear_layer_ratio_and_has_a_gradient(fo
 
 def test_formula_agrees_within_documented_head_and_neuron_terms(folders, input_ids):
     table = EnergyTable()
-    teacher = load_checkpoint(folders["teacher"])[0]
+    teacher = load_pretrained(folders["teacher"])[0]
     ann = count_operations(teacher, input_ids)
     for name in ("spiking_student", "student"):
-        model = load_checkpoint(folders[name])[0]
+        model = load_pretrained(folders[name])[0]
         report = energy_report(count_operations(model, input_ids), ann, table)
         products, neurons = hooked_spike_counts(model, input_ids)
         if not model.config.spiking_head:
@@ -188,7 +189,7 @@ def test_formula_agrees_within_documented_head_and_neuron_terms(folders, input_i
 
 
 def test_energy_table_from_file(folders, input_ids, tmp_path):
-    model = load_checkpoint(folders["spiking_student"])[0]
+    model = load_pretrained(folders["spiking_student"])[0]
     count = count_operations(model, input_ids)
     path = tmp_path / "table.yaml"
     path.write_text("name: doubled\nmac_pj: 9.2\nac_pj: 1.8\n")
@@ -218,7 +219,7 @@ def test_energy_command(folders, data_dir, tmp_path, capsys):
 
 def test_memory_reads_match_a_hand_count(folders, input_ids):
     """Bytes a batch-1 decode reads per token, counted by hand from the shapes and from the neurons' spikes."""
-    teacher = load_checkpoint(folders["teacher"])[0]
+    teacher = load_pretrained(folders["teacher"])[0]
     cfg = teacher.config
     d, f, v, layers = cfg.hidden_size, cfg.ffn_dim, cfg.vocab_size, cfg.num_hidden_layers
     b, n = input_ids.shape
@@ -231,7 +232,7 @@ def test_memory_reads_match_a_hand_count(folders, input_ids):
     assert bytes_read(ann, "float32") == 4 * bytes_read(ann, "int8")
 
     for name in ("student", "spiking_student"):
-        model = load_checkpoint(folders[name])[0]
+        model = load_pretrained(folders[name])[0]
         t = model.config.time_steps
         fired = defaultdict(float)        # rows read: inputs that fired at any of the T steps, from the neurons
         inputs_of = {"attn_in_neuron": 3 * d, "ffn_in_neuron": f, "ffn.hidden_neuron": d, "head_neuron": v}
@@ -255,8 +256,8 @@ def test_memory_reads_match_a_hand_count(folders, input_ids):
 
 
 def test_cost_table_prices_both_conventions_at_both_precisions(folders, input_ids):
-    ann = count_operations(load_checkpoint(folders["teacher"])[0], input_ids)
-    student = count_operations(load_checkpoint(folders["student"])[0], input_ids)
+    ann = count_operations(load_pretrained(folders["teacher"])[0], input_ids)
+    student = count_operations(load_pretrained(folders["student"])[0], input_ids)
     memory = MemoryTable()
     table = cost_table(student, ann, memory)
     rows = {(r["precision"], r["convention"]): r for r in table["rows"]}
@@ -287,10 +288,10 @@ def test_cost_table_prices_both_conventions_at_both_precisions(folders, input_id
 def test_energy_per_token_prices_any_weight_size(folders, input_ids):
     """A block format's weight size (4-bit rows, llama.cpp's Q4_0 with its scales) changes only the weight bytes'
     share of the memory energy; the cost table's rows are energy_per_token at the precision's own size."""
-    count = count_operations(load_checkpoint(folders["student"])[0], input_ids)
+    count = count_operations(load_pretrained(folders["student"])[0], input_ids)
     memory = MemoryTable()
     rows = {(r["precision"], r["convention"]): r["student_mj"]
-            for r in cost_table(count, count_operations(load_checkpoint(folders["teacher"])[0], input_ids))["rows"]}
+            for r in cost_table(count, count_operations(load_pretrained(folders["teacher"])[0], input_ids))["rows"]}
     for (precision, convention), mj in rows.items():
         assert energy_per_token(count, precision, convention, memory) == pytest.approx(mj, rel=1e-12)
     weights, tokens = count.total("weight_read"), input_ids.numel()

@@ -12,7 +12,8 @@ import torch
 
 from helpers import cost_models
 from bispikclm.cli import main
-from bispikclm.energy import load_checkpoint, text_token_ids
+from bispikclm.checkpoints import load_pretrained
+from bispikclm.data import text_token_ids
 from bispikclm.report import block_input_spikes
 
 
@@ -26,7 +27,7 @@ def run_dir(data_dir, tmp_path_factory):
 
 
 def test_block_input_spikes_are_the_models_spikes(run_dir, data_dir):
-    student, tokenizer = load_checkpoint(run_dir / "student")
+    student, tokenizer = load_pretrained(run_dir / "student")
     ids = text_token_ids(tokenizer, data_dir / "wikitext-2" / "test.txt", seq_len=16)
     spikes = block_input_spikes(student, ids)
     rates = student(input_ids=ids, use_cache=False, output_spike_rates=True).spike_rates

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import eval_models
-from bispikclm.evaluation.models import load_model
+from bispikclm.checkpoints import load_pretrained
 from bispikclm.evaluation.perplexity import encode_corpus, perplexity, wikitext2_text, windows
 
 
@@ -17,7 +17,7 @@ def folders(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["raw", "tokenized"])
 def test_hf_perplexity_equals_direct_loss(folders, data_dir, variant):
-    model, tokenizer = load_model(str(folders[0]))
+    model, tokenizer = load_pretrained(str(folders[0]))
     ids = encode_corpus(tokenizer, wikitext2_text(variant, data_dir))[:6000]
     ours = perplexity(model, ids, 512, progress=False)
     total, count = 0.0, 0
@@ -44,7 +44,7 @@ def test_sliding_windows_score_every_token_once():
 
 def test_sliding_stride_scores_every_token(folders, data_dir):
     """With a sliding stride every token but the first is scored; non-overlapping windows skip window starts."""
-    model, tokenizer = load_model(str(folders[0]))
+    model, tokenizer = load_pretrained(str(folders[0]))
     ids = encode_corpus(tokenizer, wikitext2_text("raw", data_dir))[:3000]
     full = perplexity(model, ids, 256, progress=False)
     sliding = perplexity(model, ids, 256, stride=64, batch_size=4, progress=False)
@@ -54,8 +54,8 @@ def test_sliding_stride_scores_every_token(folders, data_dir):
 
 def test_student_chunked_attention_is_exact(folders, data_dir):
     """Query chunks (bounded memory) give the same binary maps, so the same perplexity and firing rate."""
-    whole, tokenizer = load_model(str(folders[1]))
-    chunked, _ = load_model(str(folders[1]), attn_chunk_size=64)
+    whole, tokenizer = load_pretrained(str(folders[1]))
+    chunked, _ = load_pretrained(str(folders[1]), attn_chunk_size=64)
     ids = encode_corpus(tokenizer, wikitext2_text("raw", data_dir))[:1500]
     a = perplexity(whole, ids, 512, progress=False)
     b = perplexity(chunked, ids, 512, progress=False)

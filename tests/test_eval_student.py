@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers import eval_models
 from bispikclm.cli import main
-from bispikclm.evaluation.models import load_model, with_spiking_overrides
+from bispikclm.checkpoints import load_pretrained
+from bispikclm.evaluation.models import with_spiking_overrides
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def student(data_dir, tmp_path_factory):
 
 def test_overrides_equal_a_checkpoint_loaded_with_them(student):
     """Rebuilding in memory (sweeps) and loading with config overrides (lm-eval model_args) give one model."""
-    model, _ = load_model(str(student))
+    model, _ = load_pretrained(str(student))
     rebuilt = with_spiking_overrides(model, threshold=0.7, time_steps=3)
     loaded = AutoModelForCausalLM.from_pretrained(str(student), threshold=0.7, time_steps=3).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 48))

@@ -11,8 +11,8 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
 from helpers import eval_models
+from bispikclm.checkpoints import load_pretrained
 from bispikclm.evaluation.lm_eval_adapter import TASKS_DIR
-from bispikclm.evaluation.models import load_model
 from bispikclm.evaluation.zeroshot import encode_pair, evaluate_tasks, loglikelihoods
 
 TASKS = ["arc_easy", "piqa", "winogrande", "lambada_openai"]
@@ -28,7 +28,7 @@ def folders(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("which", [0, 1], ids=["opt-teacher", "student"])
 def test_agrees_with_lm_eval(folders, data_dir, which):
     folder = str(folders[which])
-    model, tokenizer = load_model(folder)
+    model, tokenizer = load_pretrained(folder)
     ours = evaluate_tasks(model, tokenizer, TASKS, data_dir, limit=LIMIT, batch_size=8, progress=False)["tasks"]
     theirs = simple_evaluate(model="bispikclm", model_args={"pretrained": folder}, tasks=[f"bispikclm_{t}" for t in TASKS],
                              limit=LIMIT, batch_size=8, task_manager=TaskManager(include_path=str(TASKS_DIR),
@@ -45,7 +45,7 @@ def test_agrees_with_lm_eval(folders, data_dir, which):
 
 
 def test_encode_pair_moves_trailing_space(folders):
-    _, tokenizer = load_model(str(folders[0]))
+    _, tokenizer = load_pretrained(str(folders[0]))
     context, continuation = encode_pair(tokenizer, "The cat sat on the ", "mat")
     assert tokenizer.decode(context) == "The cat sat on the"
     assert tokenizer.decode(continuation) == " mat"
@@ -69,7 +69,7 @@ def test_lm_eval_command_line_runs_offline(folders, data_dir, tmp_path):
 def test_continuation_longer_than_the_positions_is_scored_on_its_last_tokens(folders, data_dir, which):
     """A continuation that does not fit the model's positions: its tokens that have a prediction inside the last
     window are scored, the same as scoring that window directly."""
-    model, tokenizer = load_model(str(folders[which]))
+    model, tokenizer = load_pretrained(str(folders[which]))
     model.config.max_position_embeddings = limit = 24          # positions beyond 24 are never used below
     words = (data_dir / "wikitext-2" / "test.txt").read_text(encoding="utf-8").split()[:60]
     context, continuation = " ".join(words[:10]), " " + " ".join(words[10:])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="folder saved with save_pretrained (model and tokenizer)")
+    parser.add_argument("checkpoint", help="a save_pretrained folder (model and tokenizer), a .gguf file, a short "
+                                           "name or a Hub name")
     parser.add_argument("--text", default=None, help="text file to run on (default: WikiText-2 test from "
                                                      "$BISPIKCLM_DATA, default <repo>/../shared/data)")
     parser.add_argument("--tokens", type=int, default=128, help="number of tokens to run (default 128)")
@@ -18,10 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..audit import audit, format_audit
-    from ..energy import load_checkpoint, text_token_ids
+    from ..checkpoints import load_pretrained
+    from ..configuration import max_positions
+    from ..data import text_token_ids
 
-    model, tokenizer = load_checkpoint(args.checkpoint)
-    input_ids = text_token_ids(tokenizer, args.text, args.tokens, max_length=model.config.max_position_embeddings)
+    model, tokenizer = load_pretrained(args.checkpoint)
+    input_ids = text_token_ids(tokenizer, args.text, args.tokens, max_length=max_positions(model))
     result = audit(model, input_ids, name=args.checkpoint)
     hint = "" if getattr(model.config, "spiking_head", True) else "spiking_head=False: LayerNorm and a real-valued " \
                                                                   "product; a model with spiking_head is binary here"

@@ -10,9 +10,10 @@ from ..errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="student folder saved with save_pretrained (model and tokenizer)")
-    parser.add_argument("--teacher", default=None, help="ANN folder to compare with (default: a same-shape OPT; "
-                                                        "its count depends only on its shape)")
+    parser.add_argument("checkpoint", help="the student: a save_pretrained folder (model and tokenizer), a .gguf "
+                                           "file, a short name or a Hub name")
+    parser.add_argument("--teacher", default=None, help="ANN to compare with, named the same ways (default: a "
+                                                        "same-shape OPT; its count depends only on its shape)")
     parser.add_argument("--text", default=None, help="text file (default: WikiText-2 test from $BISPIKCLM_DATA, "
                                                      "default <repo>/../shared/data)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
@@ -28,10 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..energy import (count_operations, energy_report, format_report, load_checkpoint, load_energy_table,
-                          same_shape_ann, save_report, text_token_ids)
+    from ..ann import same_shape_ann
+    from ..checkpoints import check_vocabulary, load_pretrained
+    from ..configuration import max_positions
+    from ..cost_tables import load_energy_table
+    from ..data import text_token_ids
+    from ..energy import count_operations, energy_report, format_report, save_report
 
-    student, tokenizer = load_checkpoint(args.checkpoint)
+    student, tokenizer = load_pretrained(args.checkpoint)
     if not hasattr(student.config, "time_steps"):
         raise UserError(f"{args.checkpoint} is not a BiSpikCLM student ({type(student).__name__})")
     if args.time_steps is not None:
@@ -39,11 +44,9 @@ def run(args: argparse.Namespace) -> int:
         student.config._validate()
     table = load_energy_table(args.energy_table) if args.energy_table else PRECISIONS[args.precision]
     input_ids = text_token_ids(tokenizer, args.text, args.seq_len, args.num_sequences,
-                               max_length=student.config.max_position_embeddings)
-    ann = load_checkpoint(args.teacher)[0] if args.teacher else same_shape_ann(student.config)
-    if int(input_ids.max()) >= ann.get_input_embeddings().num_embeddings:
-        raise UserError(f"the student's tokenizer gives token ids beyond the teacher's vocabulary "
-                        f"({ann.get_input_embeddings().num_embeddings}); compare models that share a tokenizer")
+                               max_length=max_positions(student))
+    ann = load_pretrained(args.teacher)[0] if args.teacher else same_shape_ann(student.config)
+    check_vocabulary(ann, len(tokenizer), "teacher")
     report = energy_report(count_operations(student, input_ids, name=args.checkpoint),
                            count_operations(ann, input_ids, name=args.teacher or "same-shape OPT"), table)
     print(format_report(report))

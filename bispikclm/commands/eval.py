@@ -80,18 +80,20 @@ def _load(args: argparse.Namespace, context_lengths: list[int] | None = None, **
     """Model and tokenizer; bad context lengths fail on the config, before the weights load."""
     import torch
 
-    from ..evaluation.models import check_context_length, load_config, load_model
+    from ..checkpoints import load_config, load_pretrained
+    from ..evaluation.models import check_context_length
 
     config = load_config(args.model)
     for length in context_lengths or []:
         check_context_length(config, length)
-    return load_model(args.model, dtype=torch.float32, device=args.device,
+    return load_pretrained(args.model, dtype=torch.float32, device=args.device,
                       attn_chunk_size=args.attn_chunk_size or None, **overrides)
 
 
 def _context_lengths(args: argparse.Namespace) -> list[int]:
     """The requested context lengths, or the paper's 512..8192 up to the model's positions."""
-    from ..evaluation.models import load_config, max_positions
+    from ..checkpoints import load_config
+    from ..configuration import max_positions
     from ..evaluation.perplexity import CONTEXT_LENGTHS
 
     if args.context_lengths:

@@ -10,6 +10,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from ..configuration import max_positions
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -74,11 +75,6 @@ def encode_prompt(tokenizer, prompt: str, positions: int | None = None, new_toke
     return ids
 
 
-def _positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None)
-
-
 def generate_ids(model, engine: str, tokenizer, prompt: torch.Tensor, args: argparse.Namespace, streamer=None):
     """The new token ids after ``prompt`` ``[1, N]`` (greedy unless ``--temperature``), streamed when given a
     streamer."""
@@ -111,7 +107,7 @@ def continuations(specs: list[str], prompt: str, args: argparse.Namespace) -> li
     rows = []
     for i, spec in enumerate(specs):
         model, tokenizer, engine = load(spec, args, args.tokenizer if i == 0 else None)
-        ids = encode_prompt(tokenizer, prompt, _positions(model), args.max_new_tokens)
+        ids = encode_prompt(tokenizer, prompt, max_positions(model), args.max_new_tokens)
         start = time.perf_counter()
         new = generate_ids(model, engine, tokenizer, ids, args)
         rows.append({"model": spec, "engine": engine, "text": tokenizer.decode(new, skip_special_tokens=True),
@@ -153,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         side_by_side(args.prompt, continuations([args.checkpoint, *args.compare], args.prompt, args))
         return 0
     model, tokenizer, engine = load(args.checkpoint, args, args.tokenizer)
-    prompt = encode_prompt(tokenizer, args.prompt, _positions(model), args.max_new_tokens)
+    prompt = encode_prompt(tokenizer, args.prompt, max_positions(model), args.max_new_tokens)
     generate_ids(model, engine, tokenizer, prompt, args,
                  streamer=TextStreamer(tokenizer, skip_prompt=True))
     return 0

@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..checkpoints import check_vocabulary, load_causal_lm
+from ..configuration import max_positions
 from ..errors import UserError
 
 
@@ -20,14 +21,6 @@ class TeacherOutput:
     logits: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...]
     attentions: tuple[torch.Tensor, ...]
-
-
-def positions_of(config) -> int | None:
-    """Number of positions a causal LM config supports (``None`` if it does not say)."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if getattr(config, name, None) is not None:
-            return int(getattr(config, name))
-    return None
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -54,7 +47,7 @@ def check_teacher(teacher: PreTrainedModel, tokenizer_size: int, seq_len: int) -
     maps."""
     name = type(teacher).__name__
     check_vocabulary(teacher, tokenizer_size, "teacher")
-    positions = positions_of(teacher.config)
+    positions = max_positions(teacher)
     if positions is not None and seq_len > positions:
         raise UserError(f"sequence length {seq_len} is beyond the teacher's {positions} positions")
     out = teacher_forward(teacher, torch.zeros(1, 2, dtype=torch.long, device=teacher.device))

@@ -15,7 +15,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .models import load_config
+from ..checkpoints import load_config
 from .parity import harness_folder
 from .tasks import TASKS_DIR
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_causal_lm, load_tokenizer, resolve
+from ..checkpoints import load_pretrained, resolve
 from .tasks import TASKS_DIR, Task, default_data_dir, read_task, resolve_tasks
 from .zeroshot import loglikelihoods, score_lls
 
@@ -42,7 +42,7 @@ def harness_folder(spec: str, cache_dir: str | Path | None = None, loaded: tuple
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = Path(cache_dir or cache_root()) / "gguf" / f"{gguf.stem}-{key}"
     if not (folder / "config.json").is_file():
-        model, tokenizer = loaded or (load_causal_lm(spec), load_tokenizer(spec))
+        model, tokenizer = loaded or load_pretrained(spec)
         # the weights are dequantized float32 tensors already; the GGUF "quantizer" only marks where they came from
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -87,7 +87,7 @@ def parity(spec: str, tasks: list[str] | str, data_dir: str | Path | None = None
     data_dir = Path(data_dir or default_data_dir())
     resolved = [t for t in resolve_tasks(tasks) if t.kind == "multiple_choice"]
     items = {t.name: read_task(t, data_dir, limit) for t in resolved}   # every file checked first
-    model, tokenizer = load_causal_lm(spec), load_tokenizer(spec)
+    model, tokenizer = load_pretrained(spec)
     folder = harness_folder(spec, cache_dir, (model, tokenizer))
     model = model.to(device)
     ours = {name: [ll for ll, _ in loglikelihoods(model, tokenizer, _requests(task_items), batch_size, progress)]

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .models import max_positions
+from ..configuration import max_positions
 from .perplexity import logits_fn
 from .tasks import PAPER_TASKS, Task, read_task, resolve_tasks
 
