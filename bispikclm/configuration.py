@@ -78,7 +78,7 @@ class BiSpikCLMConfig(PretrainedConfig):
     """
 
     model_type = "bispikclm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]   # the K/V cache's names from and before transformers 5.24
 
     vocab_size: int = 50272
     hidden_size: int = 768

@@ -15,11 +15,11 @@ Tensors inside the blocks are laid out ``[T, B, N, D]``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -61,6 +61,11 @@ class BiSpikCLMModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     spike_rates: tuple[torch.Tensor, ...] | None = None
+
+
+# Name of the K/V cache in model inputs and outputs: ``cache`` from transformers 5.24 on (which warns on the old
+# name), ``past_key_values`` before.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -296,7 +301,7 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -304,20 +309,25 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         output_spike_rates: bool = False,
         output_firing_rates: bool = False,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BiSpikCLMOutput:
         """``input_ids`` ``[B, N]``; ``attention_mask`` ``[B, past + N]`` (1 = token, 0 = padding, left padding);
-        ``labels`` ``[B, N]`` (shifted inside; -100 is ignored)."""
+        ``labels`` ``[B, N]`` (shifted inside; -100 is ignored). ``cache``: the K/V spikes of earlier positions
+        (``past_key_values``, its name before transformers 5.24, is taken too), returned updated in the output's
+        :data:`CACHE_FIELD`."""
         if input_ids is None:
             raise ValueError("input_ids is required")
-        if past_key_values is None:   # transformers >= 5.24 names it `cache`
-            past_key_values = kwargs.pop("cache", None)
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass the K/V cache as `cache` or as `past_key_values`, not both")
+            cache = past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
         b, n = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(b, past + n, dtype=torch.long, device=input_ids.device)
@@ -328,7 +338,7 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
 
         with FiringRateRecorder(self.neurons() if output_firing_rates else {}) as recorder:
-            out = self.model(input_ids, position_ids, key_mask, past_key_values,
+            out = self.model(input_ids, position_ids, key_mask, cache,
                              output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
                              output_spike_rates=output_spike_rates)
             logits = self.head(out.last_hidden_state)
@@ -338,9 +348,8 @@ class BiSpikCLMForCausalLM(BiSpikCLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                labels[:, 1:].reshape(-1), ignore_index=-100)
-        return BiSpikCLMOutput(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-                               hidden_states=out.hidden_states, attentions=out.attentions,
-                               spike_rates=out.spike_rates, firing_rates=firing)
+        return BiSpikCLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+                               spike_rates=out.spike_rates, firing_rates=firing, **{CACHE_FIELD: cache})
 
 
 AutoModelForCausalLM.register(BiSpikCLMConfig, BiSpikCLMForCausalLM, exist_ok=True)

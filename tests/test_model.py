@@ -1,10 +1,16 @@
 """The model's spiking claims, checked on what actually runs."""
 
+import contextlib
+import logging
+import warnings
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.modeling import CACHE_FIELD
 from bispikclm.tracing import trace_ops
 
 SMALL = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
@@ -95,6 +101,71 @@ def test_causality_future_tokens_never_change_the_past(shape, time_steps):
         logits = model(changed, use_cache=False).logits
         assert torch.equal(logits[:, :j], base[:, :j])
         assert not torch.equal(logits[:, j:], base[:, j:])
+
+
+@contextlib.contextmanager
+def cache_name_warnings():
+    """The messages transformers logs or warns inside the block that name the K/V cache's deprecated names
+    (``past_key_values``, ``cache_params``). Its once-only warnings are reset first, so that a warning an
+    earlier test triggered cannot hide one here."""
+    messages, records = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger, verbosity = logging.getLogger("transformers"), hf_logging.get_verbosity()
+    logging.Logger.warning_once.cache_clear()
+    hf_logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    messages += [m for m in records + [str(w.message) for w in caught]
+                 if "past_key_values" in m or "cache_params" in m]
+
+
+@pytest.mark.parametrize("shape", ["opt", "llama-select"])
+def test_generate_and_incremental_decoding_use_the_current_cache_name(shape):
+    """Neither ``generate`` nor incremental decoding through the cache (nor a forward pass without it, as in
+    training) makes transformers warn about deprecated cache names; cached steps equal the full pass and
+    ``generate`` continues as greedy decoding over full passes does."""
+    model = small_model(shape, time_steps=2).double()
+    torch.manual_seed(3)
+    ids = torch.randint(0, 300, (2, 24))
+    with cache_name_warnings() as messages:
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :8], use_cache=True)
+        steps, cache = [out.logits], getattr(out, CACHE_FIELD)
+        for i in range(8, 24):
+            out = model(ids[:, i:i + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = getattr(out, CACHE_FIELD)
+        generated = model.generate(ids[:1, :8], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert messages == []
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
+    assert cache.get_seq_length() == 24
+    greedy = ids[:1, :8]
+    for _ in range(6):
+        greedy = torch.cat([greedy, model(greedy, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, greedy)
+
+
+@pytest.mark.skipif(CACHE_FIELD != "cache", reason="transformers before 5.24 knows only past_key_values")
+def test_old_cache_name_still_works_and_is_what_transformers_warns_about():
+    """A caller that passes and reads ``past_key_values`` gets the same logits as with ``cache``; reading the
+    old name is what transformers warns about (so the capture above sees such a warning when there is one)."""
+    model = small_model("opt").double()
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+    first = model(ids[:, :6], use_cache=True)
+    with cache_name_warnings() as messages:
+        old = first.past_key_values
+    assert messages and "deprecated" in messages[0]
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, 6:], cache=old, past_key_values=old)
+    stepped = model(ids[:, 6:], past_key_values=old, use_cache=True).logits
+    torch.testing.assert_close(stepped, model(ids, use_cache=False).logits[:, 6:], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
