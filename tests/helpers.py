@@ -194,6 +194,18 @@ def write_llama_gguf(model: LlamaForCausalLM, tokenizer, path) -> None:
 
 # ---- the packed engine against the model ----------------------------------------------------------------------
 
+def llama_folder_and_gguf(data_dir: Path, root: Path):
+    """``(folder, model, tokenizer, gguf)``: a random grouped-query Llama (tied embeddings) with a BPE tokenizer
+    trained on WikiText-2, saved as a ``save_pretrained`` folder and written as the GGUF file ``gguf``."""
+    tokenizer = make_tokenizer(data_dir, root / "tok")
+    folder = make_teacher("llama-gqa", root / "folder", tokenizer)
+    model = LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    path = root / "gguf" / "tiny-llama.gguf"
+    path.parent.mkdir()
+    write_llama_gguf(model, tokenizer, path)
+    return folder, model, tokenizer, path
+
+
 def engine_and_model(model: BiSpikCLMForCausalLM, ids: torch.Tensor, prefill: int, int8: bool = False):
     """Run ``ids`` ``[N]`` through the PyTorch model at once and through the packed engine: a prefill of the first
     ``prefill`` tokens, then the rest one by one against the packed cache. Returns ``(engine spikes, model spikes,

@@ -14,7 +14,7 @@ from bispikclm.checkpoints import SHORT_NAMES, ModelSource, ShortName, installed
 from bispikclm.cli import main
 from bispikclm.distill import load_teacher
 from bispikclm.errors import UserError
-from helpers import cli, make_teacher, make_tokenizer, write_llama_gguf, write_recipe
+from helpers import cli, llama_folder_and_gguf, make_tokenizer, write_recipe
 
 TEXT = " The game was praised for its story, and sold 1,200 copies."
 
@@ -22,13 +22,7 @@ TEXT = " The game was praised for its story, and sold 1,200 copies."
 @pytest.fixture(scope="module")
 def llama_and_gguf(data_dir, tmp_path_factory):
     """A random Llama teacher (GQA, tied embeddings) saved as a folder, and the same written as a GGUF file."""
-    root = tmp_path_factory.mktemp("gguf")
-    tokenizer = make_tokenizer(data_dir, root / "tok")
-    folder = make_teacher("llama-gqa", root / "folder", tokenizer)
-    model = LlamaForCausalLM.from_pretrained(str(folder)).eval()
-    path = root / "gguf" / "tiny-llama.gguf"
-    path.parent.mkdir()
-    write_llama_gguf(model, tokenizer, path)
+    _, model, tokenizer, path = llama_folder_and_gguf(data_dir, tmp_path_factory.mktemp("gguf"))
     return model, tokenizer, path
 
 

@@ -1,4 +1,5 @@
-"""``bispikclm report RUN_DIR``: the pictures show the student's real spikes and the HTML stands alone."""
+"""``bispikclm report RUN_DIR``: the pictures show the student's real spikes, beside the teacher layers distillation
+paired them with, and the HTML stands alone."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import shutil
 import matplotlib.image
 import pytest
 import torch
+from transformers import OPTConfig, OPTForCausalLM
 
 from helpers import cost_models
+from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
 from bispikclm.cli import main
 from bispikclm.checkpoints import load_pretrained
 from bispikclm.data import text_token_ids
-from bispikclm.report import block_input_spikes
+from bispikclm.distill.losses import SpADLoss
+from bispikclm.report import attention_maps, block_input_spikes
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +59,23 @@ def test_report_command_writes_pictures_and_self_contained_html(run_dir, data_di
 
 def test_report_needs_a_student(tmp_path):
     assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("student_layers, teacher_layers", [(2, 3), (3, 4), (4, 6), (6, 30)])
+def test_report_pairs_layers_as_the_losses_do(student_layers, teacher_layers):
+    """Beside each student block the report shows the teacher layer the SpAD losses align it with."""
+    torch.manual_seed(0)
+    teacher = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, word_embed_proj_dim=16, num_attention_heads=2,
+                                       ffn_dim=32, num_hidden_layers=teacher_layers, max_position_embeddings=16,
+                                       dropout=0.0)).eval()
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, num_hidden_layers=student_layers, time_steps=1)
+    student = BiSpikCLMForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    _, shown = attention_maps(student, teacher, ids)
+    with torch.no_grad():
+        maps = [a[0].mean(0) for a in teacher(input_ids=ids, output_attentions=True).attentions]
+    paired = SpADLoss(config, teacher.config).map                       # 1-based teacher layers
+    assert len(shown) == student_layers and paired[-1] == teacher_layers
+    for student_layer, teacher_layer in enumerate(paired):
+        matches = [j for j, m in enumerate(maps) if torch.equal(shown[student_layer], m)]
+        assert matches == [teacher_layer - 1], (student_layer, matches)
