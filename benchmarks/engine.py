@@ -35,6 +35,7 @@ from transformers import OPTForCausalLM  # noqa: E402
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM, same_shape_ann  # noqa: E402
 from bispikclm.engine import PackedEngine, kernels, model_spikes, pack, quantize_, spike_agreement  # noqa: E402
 from bispikclm.data import default_data_dir, train_tokenizer  # noqa: E402
+from bispikclm.modeling import CACHE_FIELD  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = {"linear_spikes": "linears", "linear_counts": "linears", "sfsa": "attention", "lif": "neurons",
@@ -77,11 +78,11 @@ def best(fn, repeats: int) -> float:
 def opt_run(opt: OPTForCausalLM, prompt: list[int], decode: list[int]) -> tuple[float, list[float]]:
     """Seconds of the prefill of ``prompt`` and of each following decode step."""
     start = time.perf_counter()
-    cache = opt(torch.tensor([prompt]), use_cache=True).past_key_values
+    cache = getattr(opt(torch.tensor([prompt]), use_cache=True), CACHE_FIELD)
     prefill, steps = time.perf_counter() - start, []
     for token in decode:
         start = time.perf_counter()
-        cache = opt(torch.tensor([[token]]), past_key_values=cache, use_cache=True).past_key_values
+        cache = getattr(opt(torch.tensor([[token]]), use_cache=True, **{CACHE_FIELD: cache}), CACHE_FIELD)
         steps.append(time.perf_counter() - start)
     return prefill, steps
 
