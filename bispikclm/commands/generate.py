@@ -10,7 +10,6 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from ..configuration import max_positions
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -104,6 +103,8 @@ def generate_ids(model, engine: str, tokenizer, prompt: torch.Tensor, args: argp
 
 def continuations(specs: list[str], prompt: str, args: argparse.Namespace) -> list[dict]:
     """For each model, ``{"model", "engine", "text", "tokens", "seconds"}``: its continuation of ``prompt``."""
+    from ..configuration import max_positions
+
     rows = []
     for i, spec in enumerate(specs):
         model, tokenizer, engine = load(spec, args, args.tokenizer if i == 0 else None)
@@ -131,6 +132,8 @@ def side_by_side(prompt: str, rows: list[dict]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
+
+    from ..configuration import max_positions
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
