@@ -9,6 +9,8 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.configuration import NEURON_GROUPS
+from bispikclm.modeling import neuron_group
 from bispikclm.distill.init import init_from_teacher
 from bispikclm.distill.losses import (AttentionLoss, EmbeddingLoss, FeatureLoss, FiringRateLoss, HardTargetLoss,
                                       SoftTargetLoss, SpADLoss, layer_map, projector, rate_target)
@@ -259,3 +261,23 @@ def test_firing_rate_loss_is_the_recorded_overall_rate_and_has_a_gradient(overri
     model(input_ids, use_cache=False)        # not recording: nothing collected
     assert rate._sums is None
     rate.remove()
+
+
+def test_firing_rate_loss_leaves_exempt_groups_out():
+    """With ``exempt=("attn",)`` the term is the rate of every neuron but the attention map's, as counted by
+    FiringRateRecorder on those neurons alone; exempting every group is refused."""
+    torch.manual_seed(0)
+    config = BiSpikCLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                             max_position_embeddings=16, time_steps=2)
+    model = BiSpikCLMForCausalLM(config).train()
+    rate = FiringRateLoss(model, exempt=("attn",))
+    others = {n: m for n, m in model.neurons().items() if neuron_group(n)[1] != "attn"}
+    assert len(others) < len(model.neurons())
+    input_ids = torch.randint(0, 50, (2, 12))
+    with FiringRateRecorder(model.neurons()) as everything, FiringRateRecorder(others) as recorder, rate.recording():
+        model(input_ids, use_cache=False)
+        value = rate.value()
+    assert value.item() == pytest.approx(recorder.overall(), rel=1e-6)
+    assert value.item() != pytest.approx(everything.overall(), rel=1e-3)
+    with pytest.raises(ValueError, match="nothing to charge"):
+        FiringRateLoss(model, exempt=NEURON_GROUPS)

@@ -374,3 +374,15 @@ def test_shipped_recipes_have_valid_train_sections(monkeypatch):
         config = TrainConfig.from_dict(load_recipe(name)["train"])
         assert config.batch_size % (config.micro_batch_size or config.batch_size) == 0, name
     assert TrainConfig.from_dict(load_recipe("opt-1.3b")["train"]).fsdp
+
+
+def test_rate_exempt_names_neuron_groups_and_needs_the_rate_cost():
+    from bispikclm.distill import TrainConfig
+
+    assert TrainConfig.from_dict({"rate_cost": 5.0, "rate_exempt": ["attn"]}).rate_exempt == ["attn"]
+    assert TrainConfig.from_dict({}).rate_exempt == []
+    for values, message in (({"rate_cost": 5.0, "rate_exempt": ["attention"]}, "must list neuron groups"),
+                            ({"rate_exempt": ["attn"]}, "only applies with rate_cost > 0"),
+                            ({"rate_cost": 5.0, "rate_exempt": "attn"}, "must be list")):
+        with pytest.raises(UserError, match=message):
+            TrainConfig.from_dict(values)

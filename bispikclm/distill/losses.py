@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from ..configuration import BiSpikCLMConfig
 from ..cost_tables import EnergyTable
+from ..modeling import neuron_group
 from ..neurons import lif_lean
 from ..spike_ops import SpikeLinear
 from .teacher import TeacherOutput
@@ -344,11 +345,18 @@ class FiringRateLoss(_Recorded):
     (``TrainConfig.rate_cost``) trains towards fewer spikes everywhere, including the neurons whose spikes only
     enter the residual stream, which :class:`SpikeCostLoss` does not charge (they read no weights). Its gradient
     flows through the neurons' surrogate gradients. Forward hooks collect the sums while :meth:`recording` is
-    active."""
+    active.
 
-    def __init__(self, model) -> None:
+    ``exempt``: neuron groups (:data:`~bispikclm.configuration.NEURON_GROUPS`, e.g. ``("attn",)`` for the
+    attention map) left out of the rate, which is then the mean over the other neurons
+    (``TrainConfig.rate_exempt``)."""
+
+    def __init__(self, model, exempt: tuple[str, ...] | list[str] = ()) -> None:
         self._sums: list | None = None
-        self.handles = [n.register_forward_hook(self._hook, with_kwargs=True) for n in model.neurons().values()]
+        neurons = [n for name, n in model.neurons().items() if neuron_group(name)[1] not in exempt]
+        if not neurons:
+            raise ValueError(f"every neuron group is exempt ({sorted(exempt)}): the rate cost has nothing to charge")
+        self.handles = [n.register_forward_hook(self._hook, with_kwargs=True) for n in neurons]
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, spikes: torch.Tensor) -> None:
         if self._sums is None or torch._C._current_graph_task_id() != -1:   # not recording, or a replay in backward

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .. import runfolder
+from ..configuration import NEURON_GROUPS
 from ..errors import UserError
 from ..validation import check_types, need
 from . import sharded
@@ -59,6 +60,11 @@ def check_train_settings(values: dict, annotations: dict[str, str], where: str =
     if "betas" in values:
         need(all(0 <= b < 1 for b in values["betas"]), f"{where}.betas", "must be two numbers in [0, 1)",
              values["betas"])
+    if values.get("rate_exempt"):
+        need(set(values["rate_exempt"]) <= set(NEURON_GROUPS), f"{where}.rate_exempt",
+             f"must list neuron groups of {NEURON_GROUPS}", values["rate_exempt"])
+        need(values.get("rate_cost", 0) > 0, f"{where}.rate_exempt", "only applies with rate_cost > 0",
+             values["rate_exempt"])
     choices = {"mixed_precision": ("auto", "no", "bf16", "fp16"), "rate_targets": RATE_TARGETS}
     for key, known in choices.items():
         if key in values:
@@ -99,6 +105,7 @@ class TrainConfig:
     firing_rates: bool = True               # log per-layer firing rates (spiking students)
     spike_cost: float = 0.0                 # weight of losses.SpikeCostLoss (fewer spikes where they cost most)
     rate_cost: float = 0.0                  # weight of losses.FiringRateLoss (the mean firing rate of every neuron)
+    rate_exempt: list[str] = field(default_factory=list)   # neuron groups rate_cost leaves out, e.g. [attn]
     teacher_dtype: str = "float32"          # dtype the teacher is loaded and run in, see TEACHER_DTYPES
     gradient_checkpointing: bool = False    # recompute each block in backward instead of keeping its activations
     fsdp: bool = False                      # shard each block and the model over the processes (FSDP2)
@@ -294,7 +301,7 @@ class Trainer:
         if config.rate_cost < 0 or (config.rate_cost > 0 and not self.spiking):
             raise UserError(f"rate_cost must be >= 0 and needs a spiking student (got {config.rate_cost})")
         self.cost = SpikeCostLoss(model) if self.spiking else None
-        self.rate_loss = FiringRateLoss(model) if config.rate_cost else None
+        self.rate_loss = FiringRateLoss(model, config.rate_exempt) if config.rate_cost else None
         torch.manual_seed(config.seed)
         if config.gradient_checkpointing:
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -312,8 +319,8 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * config.steps), config.steps)
         run = {k: v for k, v in dataclasses.asdict(config).items() if k not in TrainConfig.OPERATIONAL}
-        for name, default in (("spike_cost", 0.0), ("rate_cost", 0.0), ("rate_targets", "paper"), ("teacher_dtype", "float32"),
-                              ("early_stopping", 0), ("min_tokens", 0), ("fsdp", False),
+        for name, default in (("spike_cost", 0.0), ("rate_cost", 0.0), ("rate_exempt", []), ("rate_targets", "paper"),
+                              ("teacher_dtype", "float32"), ("early_stopping", 0), ("min_tokens", 0), ("fsdp", False),
                               ("fsdp_offload", False)):
             if run[name] == default:    # checkpoints written before the setting existed still resume
                 del run[name]
