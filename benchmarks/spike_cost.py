@@ -7,7 +7,8 @@ Writes results/spike_cost.json and a plot of perplexity against % of the ANN's e
 
     python benchmarks/spike_cost.py --teacher runs/quickstart/teacher [--variants ln:0 spiking:0 spiking:3 ...]
 
-A variant is ``HEAD:WEIGHT`` with HEAD ``ln`` (LayerNorm + float head, the quickstart's) or ``spiking``.
+A variant is ``HEAD:WEIGHT`` with HEAD ``ln`` (LayerNorm + float head, the quickstart's) or ``spiking``. The
+quickstart's ``init: calibrated`` needs the LayerNorm head; ``spiking`` variants start from ``init: all`` instead.
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def main() -> None:
     for name, (spiking, weight) in variants.items():
         cfg = TrainConfig.from_dict({**recipe["train"], "spike_cost": weight})
         torch.manual_seed(cfg.seed)
-        student = build_student(teacher, {**recipe["student"], "spiking_head": spiking}, train_seqs, seed=cfg.seed)
+        section = {**recipe["student"], "spiking_head": spiking}
+        if spiking and section.get("init") == "calibrated":     # calibration needs the LayerNorm head
+            section["init"] = "all"
+        student = build_student(teacher, section, train_seqs, seed=cfg.seed)
         folder = out / name.replace(":", "-")
         shutil.rmtree(folder, ignore_errors=True)
         start = time.perf_counter()
