@@ -239,6 +239,24 @@ def check_vocabulary(model: PreTrainedModel, tokenizer_size: int, name: str = "m
                         f"({type(model).__name__}) only {rows} embedding rows; use the {name}'s own tokenizer")
 
 
+def overridden_config(config: PretrainedConfig, overrides: dict) -> PretrainedConfig:
+    """A checked copy of a student's ``config`` with ``overrides`` (keys of :data:`SPIKING_OVERRIDES`) set; a
+    UserError names an unknown key or a value the config refuses."""
+    unknown = set(overrides) - set(SPIKING_OVERRIDES)
+    if unknown:
+        raise UserError(f"cannot override {sorted(unknown)} at inference (known: {SPIKING_OVERRIDES})")
+    checked = copy.deepcopy(config)
+    for name, value in overrides.items():
+        setattr(checked, name, value)
+    try:
+        checked._validate()
+    except UserError:          # InvalidConfig: already one line
+        raise
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return checked
+
+
 def load_pretrained(spec: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     tokenizer: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                     **overrides) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -260,10 +278,7 @@ def load_pretrained(spec: str | os.PathLike, dtype: torch.dtype = torch.float32,
             raise UserError(f"{sorted(overrides)} only apply to BiSpikCLM students; {str(spec)!r} is a "
                             f"{config.model_type}")
     if overrides:   # from_pretrained sets them without checking: check a copy first
-        checked = copy.deepcopy(config)
-        for name, value in overrides.items():
-            setattr(checked, name, value)
-        checked._validate()
+        overridden_config(config, overrides)
     tok = load_tokenizer(tokenizer or spec)
     model = load_causal_lm(spec, dtype=dtype, **overrides).to(device)
     check_vocabulary(model, len(tok))

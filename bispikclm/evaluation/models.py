@@ -4,12 +4,11 @@ its spiking settings (threshold, time steps, attention chunk size) that need no 
 
 from __future__ import annotations
 
-import copy
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..checkpoints import SPIKING_OVERRIDES
+from ..checkpoints import overridden_config
 from ..configuration import max_positions
 from ..errors import UserError
 from ..modeling import BiSpikCLMForCausalLM
@@ -31,16 +30,7 @@ def with_spiking_overrides(model: BiSpikCLMForCausalLM, **overrides) -> BiSpikCL
     if not isinstance(model, BiSpikCLMForCausalLM):
         raise UserError("threshold / time-step overrides need a BiSpikCLM student, not a "
                         f"{type(model).__name__}")
-    unknown = set(overrides) - set(SPIKING_OVERRIDES)
-    if unknown:
-        raise UserError(f"cannot override {sorted(unknown)} at inference (known: {SPIKING_OVERRIDES})")
-    config = copy.deepcopy(model.config)
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    try:
-        config._validate()
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    config = overridden_config(model.config, overrides)
     with torch.device("meta"):
         rebuilt = BiSpikCLMForCausalLM(config)
     rebuilt.load_state_dict(model.state_dict(), assign=True)
