@@ -34,6 +34,7 @@ CALIBRATED = ["student.init=calibrated", "student.per_channel_neurons=true", "st
               "student.beta=1.0", "student.initial_membrane=0.5"]
 CALIBRATED_IF = ["student.init=calibrated", "student.per_channel_neurons=true", "student.beta=1.0",
                  "student.initial_membrane=0.5"]
+SIGNED = [f"student.neuron_overrides.{group}.signed=true" for group in ("block_in", "attn_out", "ffn_in", "ffn_out")]
 LOGITS = ["train.weights.emb=0", "train.weights.attn=0", "train.weights.feat=0", "train.weights.soft=0.8",
           "train.weights.hard=0.2"]
 
@@ -68,6 +69,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                           "attention or Rate-MSE terms)", CALIBRATED + ["student.relative_surrogate=true"] + LOGITS),
     "calibrated_progressive": ("calibrated_logits trained at T = 4 for the first half of the tokens, then T = 2",
                                CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + ["stage.time_steps=4"]),
+    "calibrated_signed": ("calibrated_logits with signed neuron pairs (2T + 1 levels) at the block inputs and "
+                          "the branch outputs", CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + SIGNED),
     "paper_logits": ("the paper's setting with the logit-only losses of calibrated_logits", LOGITS),
     "init_all_logits": ("init all with the logit-only losses of calibrated_logits", ["student.init=all"] + LOGITS),
     "ann_logits": ("the ANN of the student's shape, init all, with the logit-only losses of calibrated_logits",

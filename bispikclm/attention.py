@@ -50,9 +50,10 @@ class SFSA(nn.Module):
         self.num_kv_heads = config.key_value_heads
         self.attn_scale = config.effective_attn_scale
         self.chunk_size = config.attn_chunk_size
-        self.q_proj = SpikeLinear(d, self.num_heads * self.head_dim)
-        self.k_proj = SpikeLinear(d, self.num_kv_heads * self.head_dim)
-        self.v_proj = SpikeLinear(d, self.num_kv_heads * self.head_dim)
+        signed = config.signed("block_in")       # the block-input neurons are signed pairs: [S⁺, S⁻] in
+        self.q_proj = SpikeLinear(d, self.num_heads * self.head_dim, signed=signed)
+        self.k_proj = SpikeLinear(d, self.num_kv_heads * self.head_dim, signed=signed)
+        self.v_proj = SpikeLinear(d, self.num_kv_heads * self.head_dim, signed=signed)
         self.out_proj = SpikeLinear(self.num_heads * self.head_dim, d, binary=False)
         self.q_neuron = LIFNeuron(**config.neuron_kwargs("q", self.q_proj.out_features))
         self.k_neuron = LIFNeuron(**config.neuron_kwargs("k", self.k_proj.out_features))

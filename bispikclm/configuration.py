@@ -12,7 +12,11 @@ from .validation import check_types
 # `ffn_gate` exists only in gated FFNs (ffn_type="gated").
 NEURON_GROUPS = ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in", "ffn_gate", "ffn_hidden", "ffn_out", "head")
 NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset", "learn_threshold", "learn_beta",
-                 "initial_membrane", "fire", "per_channel", "relative_surrogate")
+                 "initial_membrane", "fire", "per_channel", "relative_surrogate", "signed")
+#: Groups that may be signed neuron pairs (``neuron_overrides: {group: {signed: true}}``, fire "count"): the
+#: quantizers of the residual stream and of the updates added to it. Q, K and the attention map stay unsigned
+#: (binary Q·Kᵀ is an AND); V and the FFN's hidden layer are unsigned too.
+SIGNED_GROUPS = ("block_in", "attn_out", "ffn_in", "ffn_out")
 FFN_TYPES = ("mlp", "gated")
 FFN_GATES = ("select", "and")
 # Teacher families whose MLP is gated (SwiGLU/GeGLU: down(act(gate(x)) * up(x))): their students get a gated SFFN.
@@ -63,7 +67,8 @@ class BiSpikCLMConfig(PretrainedConfig):
       ``"group"``): thresholds and leaks trained with the weights, starting from ``threshold`` and ``beta``.
     * ``attn_scale``, ``attn_threshold``: the attention neuron sees ``attn_scale * (Q K^T)`` and fires at
       ``attn_threshold``. ``attn_scale=None`` means ``1 / head_dim`` (METHOD §8: ``1/sqrt(d)`` saturates).
-    * ``neuron_overrides``: ``{group: {field: value}}`` for groups in :data:`NEURON_GROUPS`.
+    * ``neuron_overrides``: ``{group: {field: value}}`` for groups in :data:`NEURON_GROUPS`; ``signed: true`` makes a
+      group of :data:`SIGNED_GROUPS` a signed neuron pair (:class:`~bispikclm.neurons.LIFNeuron`).
     * ``input_gain``: gain of the embedding current (``None``: ``1 / initializer_range``), decoupled from the
       scale of the tied head (METHOD §8).
     * ``residual_scale``: initial per-channel weight of the spikes each branch adds to the residual stream
@@ -170,6 +175,11 @@ class BiSpikCLMConfig(PretrainedConfig):
             need(group in NEURON_GROUPS, "neuron_overrides", f"has unknown group {group!r} (known: {NEURON_GROUPS})")
             unknown = set(fields) - set(NEURON_FIELDS)
             need(not unknown, "neuron_overrides", f"has unknown fields {sorted(unknown)} (known: {NEURON_FIELDS})")
+            if fields.get("signed"):
+                need(group in SIGNED_GROUPS, "neuron_overrides", f"asks for signed {group!r}; signed neuron pairs "
+                     f"are for {SIGNED_GROUPS}")
+                need(fields.get("fire", self.fire) == "count", "neuron_overrides",
+                     f"asks for signed {group!r}, which needs fire='count'")
 
     @property
     def attention_head_dim(self) -> int:
@@ -202,12 +212,17 @@ class BiSpikCLMConfig(PretrainedConfig):
                       surrogate=self.surrogate, alpha=self.surrogate_alpha, detach_reset=self.detach_reset,
                       learn_threshold=self.learn_threshold, learn_beta=self.learn_beta,
                       initial_membrane=self.initial_membrane, fire=self.fire,
-                      per_channel=self.per_channel_neurons, relative_surrogate=self.relative_surrogate)
+                      per_channel=self.per_channel_neurons, relative_surrogate=self.relative_surrogate,
+                      signed=False)
         kwargs.update(self.neuron_overrides.get(group, {}))
         if kwargs["learn_threshold"] == "channel" and (group == "attn" or channels is None):
             kwargs["learn_threshold"] = "group"       # the attention map has no channels
         kwargs["backend"], kwargs["channels"] = self.neuron_backend, channels
         return kwargs
+
+    def signed(self, group: str) -> bool:
+        """Whether neuron group ``group`` is a signed neuron pair (its output has twice its channels)."""
+        return bool(self.neuron_overrides.get(group, {}).get("signed", False))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "BiSpikCLMConfig":

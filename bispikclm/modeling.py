@@ -87,7 +87,7 @@ class SFFN(nn.Module):
 
     def __init__(self, config: BiSpikCLMConfig) -> None:
         super().__init__()
-        self.fc1 = SpikeLinear(config.hidden_size, config.ffn_dim)
+        self.fc1 = SpikeLinear(config.hidden_size, config.ffn_dim, signed=config.signed("ffn_in"))
         self.fc2 = SpikeLinear(config.ffn_dim, config.hidden_size)
         self.hidden_neuron = LIFNeuron(**config.neuron_kwargs("ffn_hidden", config.ffn_dim))
         self.out_neuron = LIFNeuron(**config.neuron_kwargs("ffn_out", config.hidden_size))
@@ -111,8 +111,8 @@ class GatedSFFN(nn.Module):
     def __init__(self, config: BiSpikCLMConfig) -> None:
         super().__init__()
         self.gate_mode = config.ffn_gate
-        self.gate_proj = SpikeLinear(config.hidden_size, config.ffn_dim)
-        self.up_proj = SpikeLinear(config.hidden_size, config.ffn_dim)
+        self.gate_proj = SpikeLinear(config.hidden_size, config.ffn_dim, signed=config.signed("ffn_in"))
+        self.up_proj = SpikeLinear(config.hidden_size, config.ffn_dim, signed=config.signed("ffn_in"))
         self.down_proj = SpikeLinear(config.ffn_dim, config.hidden_size)
         self.down_proj.gated_input = True       # its inputs fire at about input_rate² (see _init_weights)
         self.gate_neuron = LIFNeuron(**config.neuron_kwargs("ffn_gate", config.ffn_dim))
@@ -148,8 +148,10 @@ class BiSpikCLMBlock(GradientCheckpointingLayer):
                 output_attentions: bool = False, output_spike_rates: bool = False):
         a = self.attn_in_neuron(x)
         y, attn = self.self_attn(a, key_mask, cache, output_attentions)
-        x = x + spike_scale(y, self.attn_residual_scale)
-        x = x + spike_scale(self.ffn(self.ffn_in_neuron(x)), self.ffn_residual_scale)
+        x = x + spike_scale(y, self.attn_residual_scale, self.self_attn.out_neuron.signed)
+        x = x + spike_scale(self.ffn(self.ffn_in_neuron(x)), self.ffn_residual_scale, self.ffn.out_neuron.signed)
+        if output_spike_rates and self.attn_in_neuron.signed:     # a signed pair's net rate, mean_t (S⁺ - S⁻)
+            a = a[..., :x.shape[-1]] - a[..., x.shape[-1]:]
         return x, attn, (a.mean(0) if output_spike_rates else None)
 
 

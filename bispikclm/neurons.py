@@ -310,6 +310,13 @@ class LIFNeuron(nn.Module):
         relative_surrogate: the surrogate is taken of ``(U - θ) / θ`` and divided by ``θ``, so that its width
             follows the threshold (``sg'_α((U - θ)/θ) / θ = sg'_{α/θ}(U - θ)`` for all three surrogates); with a
             fixed threshold of 1, as by default, it changes nothing.
+        signed: a pair of ``fire="count"`` neurons per channel, one driven by ``I`` and one by ``-I``, sharing the
+            threshold; the output ``[T, *, 2C]`` holds the positive neuron's binary spikes, then the negative's.
+            With initial membranes ``U0`` and ``U0⁻`` (``initial_membrane · θ`` both, or with ``per_channel`` the
+            buffers ``channel_initial`` and ``channel_initial_negative``) the pair fires ``k⁺ - k⁻`` spikes that
+            make it a ``2T + 1``-level quantizer: a value near the centre costs no spike at all, where one neuron
+            must fire about T/2 times for it. A consumer of the pair reads ``W·S⁺ - W·S⁻`` (one weight per channel,
+            added or subtracted; :class:`~bispikclm.spike_ops.SpikeLinear` with ``signed=True``).
 
     The membrane always runs in float32 (at least): under a bf16/fp16 autocast the current is cast up first, since
     half-precision membranes lose small steps and the spikes would depend on the precision. Spikes (0 or 1, exact in
@@ -320,7 +327,7 @@ class LIFNeuron(nn.Module):
                  alpha: float | None = None, detach_reset: bool = False, backend: str = "lean",
                  learn_threshold: str = "none", learn_beta: str = "none", channels: int | None = None,
                  initial_membrane: float = 0.0, fire: str = "step", per_channel: bool = False,
-                 relative_surrogate: bool = False) -> None:
+                 relative_surrogate: bool = False, signed: bool = False) -> None:
         super().__init__()
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got {beta}")
@@ -341,6 +348,8 @@ class LIFNeuron(nn.Module):
             raise ValueError(f"fire must be one of {FIRE_MODES}, got {fire!r}")
         if per_channel and learn_threshold != "none":
             raise ValueError("per_channel thresholds are calibrated, not learned: use learn_threshold='none' with them")
+        if signed and fire != "count":
+            raise ValueError("signed neuron pairs need fire='count'")
         self.beta, self.threshold, self.surrogate = float(beta), float(threshold), surrogate
         self.alpha = float(DEFAULT_ALPHA[surrogate] if alpha is None else alpha)
         self.detach_reset, self.backend = detach_reset, backend
@@ -355,6 +364,9 @@ class LIFNeuron(nn.Module):
             size = (channels,) if channels else ()
             self.register_buffer("channel_threshold", torch.full(size, float(threshold)))
             self.register_buffer("channel_initial", torch.full(size, float(initial_membrane) * float(threshold)))
+        self.signed = bool(signed)
+        if self.signed and self.per_channel:
+            self.register_buffer("channel_initial_negative", self.channel_initial.clone())
 
     def parameters_now(self) -> tuple:
         """``(beta, threshold)`` as used in the forward pass: floats, or the learned tensors within their bounds."""
@@ -392,7 +404,11 @@ class LIFNeuron(nn.Module):
         alpha = self.alpha_now(threshold) if torch.is_grad_enabled() else self.alpha     # used by backward only
         args = (beta, threshold, self.surrogate, alpha, self.detach_reset, self.initial_now(threshold))
         if self.fire == "count":
-            spikes = COUNT_BACKENDS[self.backend](current if input_scale is None else current * input_scale, *args)
+            current = current if input_scale is None else current * input_scale
+            spikes = COUNT_BACKENDS[self.backend](current, *args)
+            if self.signed:
+                negative = self.channel_initial_negative if self.per_channel else args[-1]
+                spikes = torch.cat([spikes, COUNT_BACKENDS[self.backend](-current, *args[:-1], negative)], dim=-1)
         elif input_scale is None:
             spikes = BACKENDS[self.backend](current, *args)
         elif self.backend == "lean" and torch.is_grad_enabled() and (current.requires_grad or self.learned):
@@ -410,7 +426,7 @@ class LIFNeuron(nn.Module):
         options = (f", initial_membrane={self.initial_membrane}" if self.initial_membrane else "") + (
             f", fire={self.fire}" if self.fire != "step" else "") + (
             ", per_channel=True" if self.per_channel else "") + (
-            ", relative_surrogate=True" if self.relative_surrogate else "")
+            ", relative_surrogate=True" if self.relative_surrogate else "") + (", signed=True" if self.signed else "")
         return (f"beta={self.beta}, threshold={self.threshold}, surrogate={self.surrogate}, alpha={self.alpha}, "
                 f"detach_reset={self.detach_reset}, backend={self.backend}" + learned + options)
 

@@ -71,26 +71,41 @@ class _SpikeScale(torch.autograd.Function):
         return grad_spikes, grad_weight
 
 
-def spike_scale(spikes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``spikes * weight`` (per-channel weight over the last axis): a spike selects its weight."""
+def spike_scale(spikes: torch.Tensor, weight: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """``spikes * weight`` (per-channel weight over the last axis): a spike selects its weight. With ``signed``,
+    ``spikes`` is a signed pair's ``[S⁺, S⁻]`` and the result ``S⁺ · weight - S⁻ · weight`` has ``weight``'s width."""
+    if signed:
+        half = weight.shape[-1]
+        scaled = spike_scale(spikes, signed_weight(weight))
+        return scaled[..., :half] + scaled[..., half:]
     if torch.is_grad_enabled() and (spikes.requires_grad or weight.requires_grad):
         return _SpikeScale.apply(spikes, weight)
     return spikes * weight
 
 
+def signed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[W, -W]`` along the input axis: the weight a signed neuron pair's spikes ``[S⁺, S⁻]`` read, so that
+    ``[W, -W] · [S⁺, S⁻] = W·S⁺ - W·S⁻`` (each spike adds or subtracts one weight)."""
+    return torch.cat([weight, -weight], dim=-1)
+
+
 class SpikeLinear(nn.Linear):
     """``nn.Linear`` fed by spikes (``binary=True``) or integer spike counts (``binary=False``).
 
-    Same forward as ``nn.Linear``; the input is kept for backward as bool / int16 instead of float."""
+    Same forward as ``nn.Linear``; the input is kept for backward as bool / int16 instead of float. With
+    ``signed=True`` the input is a signed neuron pair's ``[S⁺, S⁻]`` (``2 · in_features`` binary channels) and the
+    layer computes ``W·S⁺ - W·S⁻`` with its one weight ``W`` (:func:`signed_weight`)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, binary: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, binary: bool = True,
+                 signed: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
-        self.binary = binary
+        self.binary, self.signed = binary, bool(signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _SpikeLinear.apply(x, self.weight, self.bias, self.binary)
-        return nn.functional.linear(x, self.weight, self.bias)
+        weight = signed_weight(self.weight) if self.signed else self.weight
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _SpikeLinear.apply(x, weight, self.bias, self.binary)
+        return nn.functional.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", binary={self.binary}"
+        return super().extra_repr() + f", binary={self.binary}" + (", signed=True" if self.signed else "")

@@ -206,7 +206,8 @@ def llama_folder_and_gguf(data_dir: Path, root: Path):
     return folder, model, tokenizer, path
 
 
-def engine_and_model(model: BiSpikCLMForCausalLM, ids: torch.Tensor, prefill: int, int8: bool = False):
+def engine_and_model(model: BiSpikCLMForCausalLM, ids: torch.Tensor, prefill: int, int8: bool = False,
+                     bits: int = 8):
     """Run ``ids`` ``[N]`` through the PyTorch model at once and through the packed engine: a prefill of the first
     ``prefill`` tokens, then the rest one by one against the packed cache. Returns ``(engine spikes, model spikes,
     engine logits [N, V], model logits [N, V])``, the spikes by neuron name as
@@ -214,7 +215,7 @@ def engine_and_model(model: BiSpikCLMForCausalLM, ids: torch.Tensor, prefill: in
     from bispikclm.engine import PackedEngine, model_spikes
 
     theirs, logits = model_spikes(model, ids)
-    engine = PackedEngine.from_model(model, int8=int8)
+    engine = PackedEngine.from_model(model, int8=int8, bits=bits)
     cache, records, steps = engine.new_cache(), [], []
     for chunk in [ids[:prefill]] + [ids[i:i + 1] for i in range(prefill, len(ids))]:
         records.append({})

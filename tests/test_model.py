@@ -26,7 +26,11 @@ SHAPES = {"opt": {}, "llama-select": dict(num_key_value_heads=2, ffn_type="gated
           "opt-count": dict(fire="count", initial_membrane=0.5, learn_threshold="channel"),
           # per-channel thresholds and initial membranes (the buffers calibration sets), set at random here
           "opt-calibrated": dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True,
-                                 relative_surrogate=True)}
+                                 relative_surrogate=True),
+          # the same with signed neuron pairs at the block inputs and the branch outputs ([S⁺, S⁻], 2T + 1 levels)
+          "opt-signed": dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True,
+                             relative_surrogate=True, neuron_overrides={
+                                 group: {"signed": True} for group in ("block_in", "attn_out", "ffn_in", "ffn_out")})}
 
 
 def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:
@@ -37,6 +41,9 @@ def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:
             if neuron.per_channel and neuron.channel_threshold.dim():
                 neuron.channel_threshold.uniform_(0.6, 1.4)
                 neuron.channel_initial.copy_(neuron.channel_threshold * torch.rand_like(neuron.channel_threshold))
+                if neuron.signed:
+                    neuron.channel_initial_negative.copy_(
+                        neuron.channel_threshold * torch.rand_like(neuron.channel_threshold))
     return model
 
 
@@ -75,7 +82,7 @@ def test_no_softmax_exp_or_division_in_the_blocks_and_multiplications_are_listed
     if shape == "opt-learned":   # learned leak (0-d) times the membrane; learned threshold per channel times spikes
         allowed |= {("scalar", kind) for kind in ("float", "binary", "count")} | {(k, "binary") for k in
                                                                                   ("float", "binary")}
-    if shape in ("opt-count", "opt-calibrated"):   # the firing levels (t + 1) * threshold: constants of the neuron
+    if shape in ("opt-count", "opt-calibrated", "opt-signed"):   # the firing levels (t + 1) * threshold: constants of the neuron
         allowed |= {("scalar", "scalar")}
     assert kinds <= allowed | ({("binary", "binary")} if shape == "llama-and" else set()), kinds
     selects = [r for r in muls if r.kinds == ("binary", "float")]

@@ -25,6 +25,9 @@ Least-squares weights are small (they absorb the thresholds); :func:`calibrate` 
 layer to the spread of the student's initialization and its neuron's ``θ`` and ``U0`` by the same factor, which
 leaves every spike as it was and gives the optimizer steps of the usual relative size.
 
+A signed neuron pair (``neuron_overrides: {group: {signed: true}}``) is calibrated as the ``2T + 1``-level quantizer
+of its interval (:func:`set_neuron_levels`), and the layers after it are fitted to its net spikes ``S⁺ - S⁻``.
+
 OPT-family teachers (LayerNorm, ReLU MLP) with a same-shape student whose neurons are ``per_channel``.
 """
 
@@ -74,14 +77,36 @@ def fit_levels(values: torch.Tensor, steps: int, sample: int = 16384) -> tuple[t
     return best_lo, best_hi
 
 
+def levels(neuron: nn.Module, steps: int) -> int:
+    """The number of quantization steps of a neuron run for ``steps`` time steps: T, or 2T for a signed pair."""
+    return 2 * steps if getattr(neuron, "signed", False) else steps
+
+
 @torch.no_grad()
 def set_neuron_levels(neuron: nn.Module, lo: torch.Tensor, hi: torch.Tensor, steps: int) -> None:
-    """Make a ``per_channel`` neuron the quantizer of ``[lo, hi]``: ``θ = hi - lo``, ``U0 = θ/2 - T·lo``."""
+    """Make a ``per_channel`` neuron the quantizer of ``[lo, hi]``: ``θ = hi - lo``, ``U0 = θ/2 - T·lo``. A signed
+    pair becomes the ``2T + 1``-level quantizer of ``[lo, hi]``: with centre ``c = (lo + hi)/2``, ``θ = (hi - lo)/2``,
+    ``U0 = θ/2 - T·c`` and ``U0⁻ = θ/2 + T·c``, it fires ``k⁺ - k⁻ = round(T·(I - c)/θ)`` in ``[-T, T]``."""
     if not getattr(neuron, "per_channel", False):
         raise ValueError("calibration needs per-channel neurons (BiSpikCLMConfig.per_channel_neurons=True)")
+    if neuron.signed:
+        theta, centre = ((hi - lo) / 2).clamp_min(1e-6), (lo + hi) / 2
+        neuron.channel_threshold.copy_(theta.reshape(neuron.channel_threshold.shape))
+        neuron.channel_initial.copy_((theta / 2 - steps * centre).reshape(neuron.channel_initial.shape))
+        neuron.channel_initial_negative.copy_((theta / 2 + steps * centre).reshape(neuron.channel_initial.shape))
+        return
     theta = (hi - lo).clamp_min(1e-6)
     neuron.channel_threshold.copy_(theta.reshape(neuron.channel_threshold.shape))
     neuron.channel_initial.copy_((theta / 2 - steps * lo).reshape(neuron.channel_initial.shape))
+
+
+def net_spikes(spikes: torch.Tensor, neuron: nn.Module) -> torch.Tensor:
+    """A signed pair's ``S⁺ - S⁻`` (what the layers after it read, one weight per channel); other spikes as
+    they are."""
+    if not getattr(neuron, "signed", False):
+        return spikes
+    half = spikes.shape[-1] // 2
+    return spikes[..., :half] - spikes[..., half:]
 
 
 @torch.no_grad()
@@ -111,11 +136,13 @@ def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 def _fit_linear_and_neuron(linear: nn.Linear, neuron: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
                            steps: int, rectify: bool = False) -> None:
-    """Fit ``linear`` from mean spikes ``inputs`` ``[M, I]`` to ``target`` ``[M, O]``, then its neuron's levels to
-    the fitted current (to ``max(current, 0)`` with ``rectify``: the neuron stands for a ReLU)."""
+    """Fit ``linear`` from mean spikes ``inputs`` ``[M, I]`` (a signed pair's ``S⁺ - S⁻``) to ``target`` ``[M, O]``,
+    then its neuron's levels to the fitted current (to ``max(current, 0)`` with ``rectify``: the neuron stands for
+    a ReLU)."""
     _set_linear(linear, *ridge_fit(inputs, target))
-    current = linear(inputs.to(linear.weight.dtype))
-    set_neuron_levels(neuron, *fit_levels(current.clamp_min(0) if rectify else current, steps), steps)
+    current = nn.functional.linear(inputs.to(linear.weight.dtype), linear.weight, linear.bias)
+    values = current.clamp_min(0) if rectify else current
+    set_neuron_levels(neuron, *fit_levels(values, levels(neuron, steps)), steps)
 
 
 def _teacher_activations(teacher: nn.Module, sequences: torch.Tensor, batch_size: int) -> dict:
@@ -159,9 +186,10 @@ def _calibrate_block(block: nn.Module, x: torch.Tensor, acts: dict, layer: int, 
     what was chosen (attention threshold and the fits' R²)."""
     attn, ffn = block.self_attn, block.ffn
     flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731
-    set_neuron_levels(block.attn_in_neuron, *fit_levels(flat(x.mean(0)), steps), steps)
+    set_neuron_levels(block.attn_in_neuron, *fit_levels(flat(x.mean(0)), levels(block.attn_in_neuron, steps)),
+                      steps)
     a = block.attn_in_neuron(x)
-    a_mean = flat(a.mean(0))
+    a_mean = flat(net_spikes(a, block.attn_in_neuron).mean(0))
     for name in ("q_proj", "k_proj", "v_proj"):
         _fit_linear_and_neuron(getattr(attn, name), getattr(attn, name[0] + "_neuron"), a_mean,
                                flat(acts[f"{layer}.{name}"]), steps)
@@ -181,12 +209,12 @@ def _calibrate_block(block: nn.Module, x: torch.Tensor, acts: dict, layer: int, 
     _fit_linear_and_neuron(attn.out_proj, attn.out_neuron, flat(counts.mean(0)), target, steps)
     block.attn_residual_scale.copy_(attn.out_neuron.channel_threshold)
     y = attn.out_neuron(attn.out_proj(counts))
-    x = x + spike_scale(y, block.attn_residual_scale)
+    x = x + spike_scale(y, block.attn_residual_scale, attn.out_neuron.signed)
 
-    set_neuron_levels(block.ffn_in_neuron, *fit_levels(flat(x.mean(0)), steps), steps)
+    set_neuron_levels(block.ffn_in_neuron, *fit_levels(flat(x.mean(0)), levels(block.ffn_in_neuron, steps)), steps)
     b = block.ffn_in_neuron(x)
-    _fit_linear_and_neuron(ffn.fc1, ffn.hidden_neuron, flat(b.mean(0)), flat(acts[f"{layer}.fc1"]), steps,
-                           rectify=True)
+    _fit_linear_and_neuron(ffn.fc1, ffn.hidden_neuron, flat(net_spikes(b, block.ffn_in_neuron).mean(0)),
+                           flat(acts[f"{layer}.fc1"]), steps, rectify=True)
     h = ffn.hidden_neuron(ffn.fc1(b))
     _fit_linear_and_neuron(ffn.fc2, ffn.out_neuron, flat(h.mean(0)), flat(acts[f"{layer}.fc2"]), steps)
     block.ffn_residual_scale.copy_(ffn.out_neuron.channel_threshold)
@@ -209,6 +237,8 @@ def _rescale_linears(student: BiSpikCLMForCausalLM) -> None:
             linear.bias.mul_(scale)
             neuron.channel_threshold.mul_(scale)
             neuron.channel_initial.mul_(scale)
+            if neuron.signed:
+                neuron.channel_initial_negative.mul_(scale)
 
 
 @torch.no_grad()
@@ -266,6 +296,8 @@ def set_time_steps(student: BiSpikCLMForCausalLM, steps: int) -> None:
     for neuron in student.neurons().values():
         if neuron.per_channel and neuron.channel_threshold.dim():      # not the attention map's single neuron
             theta = neuron.channel_threshold
-            lo = (theta / 2 - neuron.channel_initial) / old
+            lo = (theta / 2 - neuron.channel_initial) / old          # a signed pair's centre c alike
             neuron.channel_initial.copy_(theta / 2 - steps * lo)
+            if neuron.signed:
+                neuron.channel_initial_negative.copy_(theta / 2 + steps * lo)
     student.config.time_steps = steps

@@ -275,6 +275,9 @@ class SpADLoss(nn.Module):
         d_s, d_t = student_config.hidden_size, teacher_config.hidden_size
         l_s = student_config.num_hidden_layers
         self.map = layer_map(l_s, teacher_config.num_hidden_layers)
+        if self.spiking and "feat" in self.active and student_config.signed("block_in"):
+            raise ValueError("the feature term's Rate-MSE targets are rates of unsigned block-input neurons; with "
+                             "signed block_in pairs set train.weights.feat to 0")
         if self.spiking:
             t_steps = student_config.time_steps
             attn, block = student_config.neuron_kwargs("attn"), student_config.neuron_kwargs("block_in")

@@ -135,7 +135,8 @@ def _neuron_entries(model: nn.Module, blocks: str):
             part = "neurons" if layer is not None else "head"
 
             def hook(module, args, spikes, layer=layer, name=name, part=part):
-                entries.append(CostEntry(part, layer, name, "neuron_update", args[0].numel()))
+                updates = args[0].numel() * (2 if module.signed else 1)      # a signed pair: two neurons
+                entries.append(CostEntry(part, layer, name, "neuron_update", updates))
                 entries.append(CostEntry(part, layer, name, "spike_reset", float(spikes.sum())))
             handles.append(module.register_forward_hook(hook))
     return entries, handles

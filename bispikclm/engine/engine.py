@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from numba.typed import List
 
+from ..configuration import SIGNED_GROUPS
 from ..errors import UserError
-from ..modeling import BiSpikCLMForCausalLM
+from ..modeling import NEURON_GROUP_OF, BiSpikCLMForCausalLM
 from ..neurons import LIFNeuron
 from ..spike_ops import SpikeLinear
 from . import dense, kernels, reference
@@ -52,10 +53,14 @@ class PackedLinear:
         """``bits``: None for float32 weights, 8 or 4 for the integers of :func:`quantize_` (4-bit values are
         held as int8 here; :meth:`nibbles` packs them)."""
         if bits is not None and isinstance(linear, SpikeLinear):
-            return cls(*int_weights(linear, name, bits))
-        weight = linear.weight.detach().float()
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
-        return cls(weight.t().contiguous().numpy(), bias.numpy().copy(), np.ones(weight.shape[0], np.float32))
+            layer = cls(*int_weights(linear, name, bits))
+        else:
+            weight = linear.weight.detach().float()
+            bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
+            layer = cls(weight.t().contiguous().numpy(), bias.numpy().copy(), np.ones(weight.shape[0], np.float32))
+        if getattr(linear, "signed", False):     # inputs [S⁺, S⁻]: rows W, then -W (integers in [-127, 127])
+            layer.weight = np.ascontiguousarray(np.concatenate([layer.weight, -layer.weight], axis=0))
+        return layer
 
     @classmethod
     def concat(cls, layers: list["PackedLinear"]) -> "PackedLinear":
@@ -79,8 +84,10 @@ class Neuron:
     learned thresholds and leaks are read from the module as the model uses them. Assigning ``threshold`` or
     ``initial`` writes into the arrays the engine holds (the one-call path reads them there)."""
 
-    def __init__(self, beta: np.float32, threshold: np.ndarray, initial: np.ndarray, count: bool) -> None:
+    def __init__(self, beta: np.float32, threshold: np.ndarray, initial: np.ndarray, count: bool,
+                 signed: bool = False) -> None:
         self.beta, self._threshold, self._initial, self.count = beta, threshold, initial, count
+        self.signed = signed      # a signed pair: 2C neurons, thresholds [θ, θ], initials [U0, U0⁻], fed [I, -I]
 
     @property
     def threshold(self) -> np.ndarray:
@@ -110,7 +117,11 @@ class Neuron:
             # copies: broadcast_to gives a read-only view, and a per-channel array would stay one
             threshold = np.broadcast_to(threshold, (channels,)).copy()
             initial = np.broadcast_to(initial, (channels,)).copy()
-        return cls(np.float32(as_array(beta)), threshold, initial, module.fire == "count")
+        if module.signed:
+            negative = as_array(module.channel_initial_negative) if module.per_channel else initial
+            initial = np.concatenate([initial, np.broadcast_to(negative, initial.shape)])
+            threshold = np.concatenate([threshold, threshold])
+        return cls(np.float32(as_array(beta)), threshold, initial, module.fire == "count", module.signed)
 
 
 @dataclass
@@ -210,6 +221,7 @@ class PackedEngine:
             raise UserError(f"unknown prefill {prefill!r} (known: {', '.join(PREFILL)})")
         if bits not in (8, 4):
             raise UserError(f"the engine's weights are 8 or 4 bits wide, got bits={bits}")
+        self.signed = any(model.config.signed(group) for group in SIGNED_GROUPS)
         self.model = model.eval()
         self.config = cfg = model.config
         self.ops = BACKENDS[backend]
@@ -234,7 +246,7 @@ class PackedEngine:
                 lin(attn.out_proj, "self_attn.out_proj"), ffn_in, ffn_out,
                 layer.attn_residual_scale.detach().float().numpy().copy(),
                 layer.ffn_residual_scale.detach().float().numpy().copy(),
-                {name: Neuron.of(module, None if name == "self_attn.attn_neuron" else self._width(name))
+                {name: Neuron.of(module, None if name == "self_attn.attn_neuron" else self._channels(name))
                  for name, module in layer.named_modules() if isinstance(module, LIFNeuron)}))
             if bits == 4 and int8:
                 block = self.blocks[-1]
@@ -249,7 +261,8 @@ class PackedEngine:
             self.head_int8 = (weight_t, scale)
         elif head_bits == 4:
             self.head_nibbles = head_nibbles(model.lm_head)
-        self.fused = FusedPlan(self.blocks, cfg) if fused and self.ops is kernels else None
+        # the one-call kernel runs unsigned neurons only; signed pairs take the per-kernel path
+        self.fused = FusedPlan(self.blocks, cfg) if fused and self.ops is kernels and not self.signed else None
         self.dense = int8 and prefill == "dense" and self.ops is kernels
 
     @classmethod
@@ -274,6 +287,8 @@ class PackedEngine:
                            self.kv_size)
 
     def _lif(self, current: np.ndarray, neuron: Neuron) -> np.ndarray:
+        if neuron.signed:                        # the pair's neurons, one driven by I and one by -I
+            current = np.concatenate([current, -current], axis=-1)
         spikes = np.empty(current.shape[:2] + (words(current.shape[2]),), np.uint64)
         self.ops.lif(current, neuron.beta, neuron.threshold, neuron.initial, neuron.count, spikes)
         return spikes
@@ -366,10 +381,10 @@ class PackedEngine:
                           self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, attn.initial,
                           attn.count, counts)
             y = self._lif(self._current(counts, block.out, ops, counts=True), neurons["self_attn.out_neuron"])
-            self.ops.residual_add(x, y, block.attn_residual_scale)
+            self._residual(x, y, block.attn_residual_scale, neurons["self_attn.out_neuron"])
             b = self._lif(x.copy(), neurons["ffn_in_neuron"])
             ffn = self._ffn(b, block, ops)
-            self.ops.residual_add(x, ffn["ffn.out_neuron"], block.ffn_residual_scale)
+            self._residual(x, ffn["ffn.out_neuron"], block.ffn_residual_scale, neurons["ffn.out_neuron"])
             if record is not None:
                 spikes = {"attn_in_neuron": a, "self_attn.q_neuron": q, "self_attn.k_neuron": k,
                           "self_attn.v_neuron": v, "self_attn.out_neuron": y, "ffn_in_neuron": b, **ffn}
@@ -378,8 +393,23 @@ class PackedEngine:
                         record[f"model.layers.{i}.{name}"] = unpack(packed, self._width(name))
                 record[f"model.layers.{i}.self_attn.out_proj"] = counts
 
+    def _residual(self, x: np.ndarray, spikes: np.ndarray, gain: np.ndarray, neuron: Neuron) -> None:
+        """``x += spikes * gain``; for a signed pair ``x += S⁺ · gain - S⁻ · gain`` (each spike adds or
+        subtracts its channel's weight)."""
+        if not neuron.signed:
+            self.ops.residual_add(x, spikes, gain)
+            return
+        fired, d = unpack(spikes, 2 * x.shape[-1]), x.shape[-1]
+        x[fired[..., :d]] += np.broadcast_to(gain, x.shape)[fired[..., :d]]
+        x[fired[..., d:]] -= np.broadcast_to(gain, x.shape)[fired[..., d:]]
+
     def _width(self, name: str) -> int:
-        """Number of neurons of a block's neuron group by module path."""
+        """Number of neurons of a block's neuron group by module path (twice the channels for a signed pair)."""
+        group = NEURON_GROUP_OF.get(name)
+        pair = 2 if group in SIGNED_GROUPS and self.config.signed(group) else 1
+        return pair * self._channels(name)
+
+    def _channels(self, name: str) -> int:
         if name.startswith("ffn."):
             return self.config.ffn_dim if name != "ffn.out_neuron" else self.config.hidden_size
         return {"self_attn.q_neuron": self.q_size, "self_attn.k_neuron": self.kv_size,
