@@ -242,3 +242,41 @@ def tmpfs(target: Path, size: str = "16m"):
         if subprocess.run(["umount", str(target)]).returncode:
             subprocess.run(["umount", "-l", str(target)], check=True)
             raise AssertionError(f"{target} was still in use")
+
+
+# ---- a small calibrated student -----------------------------------------------------------------------------------
+
+def calibrated_opt(time_steps: int = 2, **options):
+    """A small untrained OPT teacher and its same-shape per-channel count student (IF, from θ/2, ``options`` on
+    top) calibrated on 24 random sequences of 32 tokens: ``(teacher, student, sequences)``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from bispikclm import BiSpikCLMConfig
+    from bispikclm.distill.init import init_from_teacher
+
+    torch.manual_seed(0)
+    teacher = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64)).eval()
+    config = BiSpikCLMConfig.from_teacher_config(teacher.config, time_steps=time_steps, fire="count", beta=1.0,
+                                                 initial_membrane=0.5, per_channel_neurons=True, **options)
+    student = BiSpikCLMForCausalLM(config).eval()
+    sequences = torch.randint(0, 300, (24, 32))
+    init_from_teacher(student, teacher, "calibrated", calibration=sequences)
+    return teacher, student, sequences
+
+
+def first_block_spikes_and_teacher_q(teacher, student, sequences) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's first block-input spikes ``[T, S, N, C]`` (of its embeddings, constant over T) and the
+    teacher's first ``q_proj`` output ``[S, N, D]`` on ``sequences``: what calibration fits ``q_proj`` between."""
+    seen = {}
+    hook = teacher.model.decoder.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("q", out))
+    with torch.no_grad():
+        teacher(input_ids=sequences)
+    hook.remove()
+    n = sequences.shape[1]
+    with torch.no_grad():
+        x0 = student.model.embed(sequences, torch.arange(n)[None].expand_as(sequences))
+        x = x0.unsqueeze(0).expand(student.config.time_steps, *x0.shape).contiguous()
+        spikes = student.model.layers[0].attn_in_neuron(x)
+    return spikes, seen["q"]

@@ -17,7 +17,8 @@ from bispikclm.distill.calibrate import fit_levels, quantize, ridge_fit, set_neu
 from bispikclm.distill.init import init_from_teacher, teacher_layer_of
 from bispikclm.engine import quantize_, spike_agreement
 from bispikclm.neurons import LIFNeuron, surrogate_grad
-from helpers import cli, engine_and_model, make_teacher, make_tokenizer, write_recipe
+from helpers import (calibrated_opt, cli, engine_and_model, first_block_spikes_and_teacher_q, make_teacher,
+                     make_tokenizer, write_recipe)
 
 T = 2
 
@@ -103,30 +104,14 @@ def test_teacher_layer_map():
 @pytest.fixture(scope="module")
 def calibrated():
     """A small trained-free OPT teacher, its same-shape per-channel count student calibrated on random text."""
-    torch.manual_seed(0)
-    teacher = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64)).eval()
-    config = BiSpikCLMConfig.from_teacher_config(teacher.config, time_steps=T, fire="count", beta=1.0,
-                                                 initial_membrane=0.5, per_channel_neurons=True)
-    student = BiSpikCLMForCausalLM(config).eval()
-    sequences = torch.randint(0, 300, (24, 32))
-    init_from_teacher(student, teacher, "calibrated", calibration=sequences)
-    return teacher, student, sequences
+    return calibrated_opt(T)
 
 
 def test_calibrated_layers_are_the_least_squares_fits_to_the_teacher(calibrated):
     teacher, student, sequences = calibrated
-    seen = {}
-    hook = teacher.model.decoder.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda m, a, out: seen.__setitem__("q", out))
-    with torch.no_grad():
-        teacher(input_ids=sequences)
-    hook.remove()
+    spikes, q_teacher = first_block_spikes_and_teacher_q(teacher, student, sequences)
     block = student.model.layers[0]
-    with torch.no_grad():
-        x0 = student.model.embed(sequences, torch.arange(32)[None].expand_as(sequences))
-        spikes = block.attn_in_neuron(constant(x0, T))
-    weight, bias = ridge_fit(spikes.mean(0).reshape(-1, 64), seen["q"].reshape(-1, 64))
+    weight, bias = ridge_fit(spikes.mean(0).reshape(-1, 64), q_teacher.reshape(-1, 64))
     # the refit is rescaled to the initialization's spread, with the neuron's θ and U0 by the same factor
     q = block.self_attn.q_proj
     scale = q.weight.double() / weight

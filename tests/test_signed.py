@@ -9,17 +9,16 @@ import copy
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTConfig
 
-from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm import BiSpikCLMConfig
 from bispikclm.distill.calibrate import net_spikes, quantize, ridge_fit, set_neuron_levels, set_time_steps
-from bispikclm.distill.init import init_from_teacher
 from bispikclm.energy import count_operations
 from bispikclm.engine import PackedEngine, quantize_, spike_agreement
 from bispikclm.errors import InvalidConfig
 from bispikclm.neurons import FiringRateRecorder, LIFNeuron
 from bispikclm.spike_ops import SpikeLinear, spike_scale
-from helpers import engine_and_model
+from helpers import calibrated_opt, engine_and_model, first_block_spikes_and_teacher_q
 
 T = 2
 GROUPS = ("block_in", "attn_out", "ffn_in", "ffn_out")
@@ -99,33 +98,16 @@ def test_layers_read_the_pair_as_w_s_plus_minus_w_s_minus():
 
 @pytest.fixture(scope="module")
 def calibrated_pairs():
-    torch.manual_seed(0)
-    teacher = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64)).eval()
-    config = BiSpikCLMConfig.from_teacher_config(teacher.config, time_steps=T, fire="count", beta=1.0,
-                                                 initial_membrane=0.5, per_channel_neurons=True,
-                                                 neuron_overrides=SIGNED)
-    student = BiSpikCLMForCausalLM(config).eval()
-    sequences = torch.randint(0, 300, (24, 32))
-    init_from_teacher(student, teacher, "calibrated", calibration=sequences)
-    return teacher, student, sequences
+    return calibrated_opt(T, neuron_overrides=SIGNED)
 
 
 def test_calibrated_pairs_feed_least_squares_fits_of_their_net_spikes(calibrated_pairs):
     teacher, student, sequences = calibrated_pairs
-    seen = {}
-    hook = teacher.model.decoder.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda m, a, out: seen.__setitem__("q", out))
-    with torch.no_grad():
-        teacher(input_ids=sequences)
-    hook.remove()
+    spikes, q_teacher = first_block_spikes_and_teacher_q(teacher, student, sequences)
     block = student.model.layers[0]
-    with torch.no_grad():
-        x0 = student.model.embed(sequences, torch.arange(32)[None].expand_as(sequences))
-        spikes = block.attn_in_neuron(constant(x0, T))
     assert spikes.shape[-1] == 128 and set(spikes.unique().tolist()) <= {0.0, 1.0}
     weight, bias = ridge_fit(net_spikes(spikes, block.attn_in_neuron).mean(0).reshape(-1, 64),
-                             seen["q"].reshape(-1, 64))
+                             q_teacher.reshape(-1, 64))
     q = block.self_attn.q_proj
     scale = q.weight.detach().double() / weight   # rescaled to the initialization's spread, as unsigned fits are
     torch.testing.assert_close(scale, torch.full_like(scale, float(scale.mean())), rtol=1e-4, atol=1e-6)
