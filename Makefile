@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --results results/quality_lowrate.json --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --variants calibrated_logits@train.rate_cost=5
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_signed.json --variants calibrated_logits calibrated_signed ann_logits
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_progressive.json --variants calibrated_progressive
+	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 --resume --results results/quality_signed_lowrate.json --variants calibrated_logits@train.rate_cost=5 calibrated_signed@train.rate_cost=5 calibrated_signed@train.rate_cost=3
 	$(MAKE) bench-engine
 	$(PY) benchmarks/smollm2.py --data $(DATA) --out runs/smollm2 --tokens 65536 --data-tokens 131072 --test-tokens 16384 --zeroshot-limit 40 --parity results/smollm2/parity.json
 
