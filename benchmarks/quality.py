@@ -27,6 +27,7 @@ from bispikclm.distill import TrainConfig, Trainer, load_teacher
 from bispikclm.distill.calibrate import set_time_steps
 from bispikclm.errors import UserError
 from bispikclm.evaluation.perplexity import perplexity
+from bispikclm.configuration import SIGNED_GROUPS
 from bispikclm.pipeline import build_student, unigram_perplexity, wikitext_ids
 from bispikclm.recipes import load_recipe, merge, parse_overrides
 
@@ -34,7 +35,7 @@ CALIBRATED = ["student.init=calibrated", "student.per_channel_neurons=true", "st
               "student.beta=1.0", "student.initial_membrane=0.5"]
 CALIBRATED_IF = ["student.init=calibrated", "student.per_channel_neurons=true", "student.beta=1.0",
                  "student.initial_membrane=0.5"]
-SIGNED = [f"student.neuron_overrides.{group}.signed=true" for group in ("block_in", "attn_out", "ffn_in", "ffn_out")]
+SIGNED = [f"student.neuron_overrides.{group}.signed=true" for group in SIGNED_GROUPS]
 LOGITS = ["train.weights.emb=0", "train.weights.attn=0", "train.weights.feat=0", "train.weights.soft=0.8",
           "train.weights.hard=0.2"]
 

@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from .attention import SFSA
 from .configuration import BiSpikCLMConfig
 from .neurons import FiringRateRecorder, LIFNeuron
-from .spike_ops import SpikeLinear, spike_scale
+from .spike_ops import SpikeLinear, net_spikes, spike_scale
 
 #: Neuron module paths inside a block (and the head's) -> neuron group (``BiSpikCLMConfig.neuron_overrides``).
 NEURON_GROUP_OF = {"attn_in_neuron": "block_in", "self_attn.q_neuron": "q", "self_attn.k_neuron": "k",
@@ -151,7 +151,7 @@ class BiSpikCLMBlock(GradientCheckpointingLayer):
         x = x + spike_scale(y, self.attn_residual_scale, self.self_attn.out_neuron.signed)
         x = x + spike_scale(self.ffn(self.ffn_in_neuron(x)), self.ffn_residual_scale, self.ffn.out_neuron.signed)
         if output_spike_rates and self.attn_in_neuron.signed:     # a signed pair's net rate, mean_t (S⁺ - S⁻)
-            a = a[..., :x.shape[-1]] - a[..., x.shape[-1]:]
+            a = net_spikes(a)
         return x, attn, (a.mean(0) if output_spike_rates else None)
 
 

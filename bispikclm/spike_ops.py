@@ -89,6 +89,12 @@ def signed_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight, -weight], dim=-1)
 
 
+def net_spikes(spikes: torch.Tensor) -> torch.Tensor:
+    """A signed pair's ``[S⁺, S⁻]`` (last axis) as ``S⁺ - S⁻``: what the layers after it read, per channel."""
+    half = spikes.shape[-1] // 2
+    return spikes[..., :half] - spikes[..., half:]
+
+
 class SpikeLinear(nn.Linear):
     """``nn.Linear`` fed by spikes (``binary=True``) or integer spike counts (``binary=False``).
 

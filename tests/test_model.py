@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.configuration import SIGNED_GROUPS
 from bispikclm.modeling import CACHE_FIELD
 from bispikclm.tracing import trace_ops
 
@@ -30,7 +31,7 @@ SHAPES = {"opt": {}, "llama-select": dict(num_key_value_heads=2, ffn_type="gated
           # the same with signed neuron pairs at the block inputs and the branch outputs ([S⁺, S⁻], 2T + 1 levels)
           "opt-signed": dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True,
                              relative_surrogate=True, neuron_overrides={
-                                 group: {"signed": True} for group in ("block_in", "attn_out", "ffn_in", "ffn_out")})}
+                                 group: {"signed": True} for group in SIGNED_GROUPS})}
 
 
 def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:

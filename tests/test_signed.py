@@ -15,14 +15,14 @@ from bispikclm import BiSpikCLMConfig
 from bispikclm.distill.calibrate import net_spikes, quantize, ridge_fit, set_neuron_levels, set_time_steps
 from bispikclm.energy import count_operations
 from bispikclm.engine import PackedEngine, quantize_, spike_agreement
+from bispikclm.configuration import SIGNED_GROUPS
 from bispikclm.errors import InvalidConfig
 from bispikclm.neurons import FiringRateRecorder, LIFNeuron
 from bispikclm.spike_ops import SpikeLinear, spike_scale
 from helpers import calibrated_opt, engine_and_model, first_block_spikes_and_teacher_q
 
 T = 2
-GROUPS = ("block_in", "attn_out", "ffn_in", "ffn_out")
-SIGNED = {group: {"signed": True} for group in GROUPS}
+SIGNED = {group: {"signed": True} for group in SIGNED_GROUPS}
 
 
 def constant(values: torch.Tensor, steps: int) -> torch.Tensor:

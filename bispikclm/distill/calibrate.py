@@ -40,7 +40,7 @@ from torch import nn
 
 from ..attention import causal_mask
 from ..modeling import BiSpikCLMForCausalLM
-from ..spike_ops import spike_scale
+from ..spike_ops import net_spikes as pair_difference, spike_scale
 from .losses import layer_map
 
 QUANTILES_LOW = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -79,7 +79,7 @@ def fit_levels(values: torch.Tensor, steps: int, sample: int = 16384) -> tuple[t
 
 def levels(neuron: nn.Module, steps: int) -> int:
     """The number of quantization steps of a neuron run for ``steps`` time steps: T, or 2T for a signed pair."""
-    return 2 * steps if getattr(neuron, "signed", False) else steps
+    return 2 * steps if neuron.signed else steps
 
 
 @torch.no_grad()
@@ -101,12 +101,9 @@ def set_neuron_levels(neuron: nn.Module, lo: torch.Tensor, hi: torch.Tensor, ste
 
 
 def net_spikes(spikes: torch.Tensor, neuron: nn.Module) -> torch.Tensor:
-    """A signed pair's ``S⁺ - S⁻`` (what the layers after it read, one weight per channel); other spikes as
-    they are."""
-    if not getattr(neuron, "signed", False):
-        return spikes
-    half = spikes.shape[-1] // 2
-    return spikes[..., :half] - spikes[..., half:]
+    """What the layers after ``neuron`` read of its ``spikes``: a signed pair's ``S⁺ - S⁻``
+    (:func:`~bispikclm.spike_ops.net_spikes`), other spikes as they are."""
+    return pair_difference(spikes) if neuron.signed else spikes
 
 
 @torch.no_grad()
