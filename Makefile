@@ -32,9 +32,9 @@ bench: setup
 	PYTHONPATH=. $(PY) benchmarks/cli_startup.py
 	$(PY) benchmarks/quality_curve.py --data $(DATA) --run-dir runs/quickstart --tokens 249856 499712 999424 1998848 3999744 --variants calibrated_signed --ann ann_logits
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --results results/quality_lowrate.json --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --variants calibrated_logits@train.rate_cost=5
-	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_signed.json --variants calibrated_logits calibrated_signed ann_logits
+	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_signed.json --variants calibrated_logits calibrated_signed calibrated_signed_qkv ann_logits
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_progressive.json --variants calibrated_progressive
-	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 --resume --results results/quality_signed_lowrate.json --variants calibrated_logits@train.rate_cost=5 calibrated_signed@train.rate_cost=5 calibrated_signed@train.rate_cost=3
+	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 --resume --results results/quality_signed_lowrate.json --variants calibrated_logits@train.rate_cost=5 calibrated_signed@train.rate_cost=5 calibrated_signed@train.rate_cost=3 calibrated_signed_qkv@train.rate_cost=3 calibrated_signed_qkv@train.rate_cost=2
 	$(MAKE) bench-engine
 	$(PY) benchmarks/smollm2.py --data $(DATA) --out runs/smollm2 --tokens 65536 --data-tokens 131072 --test-tokens 16384 --zeroshot-limit 40 --parity results/smollm2/parity.json
 

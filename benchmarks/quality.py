@@ -27,7 +27,6 @@ from bispikclm.distill import TrainConfig, Trainer, load_teacher
 from bispikclm.distill.calibrate import set_time_steps
 from bispikclm.errors import UserError
 from bispikclm.evaluation.perplexity import perplexity
-from bispikclm.configuration import SIGNED_GROUPS
 from bispikclm.pipeline import build_student, unigram_perplexity, wikitext_ids
 from bispikclm.recipes import load_recipe, merge, parse_overrides
 
@@ -35,7 +34,8 @@ CALIBRATED = ["student.init=calibrated", "student.per_channel_neurons=true", "st
               "student.beta=1.0", "student.initial_membrane=0.5"]
 CALIBRATED_IF = ["student.init=calibrated", "student.per_channel_neurons=true", "student.beta=1.0",
                  "student.initial_membrane=0.5"]
-SIGNED = [f"student.neuron_overrides.{group}.signed=true" for group in SIGNED_GROUPS]
+SIGNED = [f"student.neuron_overrides.{group}.signed=true" for group in ("block_in", "attn_out", "ffn_in", "ffn_out")]
+SIGNED_QKV = [f"student.neuron_overrides.{group}.signed=true" for group in ("q", "k", "v")]
 LOGITS = ["train.weights.emb=0", "train.weights.attn=0", "train.weights.feat=0", "train.weights.soft=0.8",
           "train.weights.hard=0.2"]
 
@@ -72,6 +72,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + ["stage.time_steps=4"]),
     "calibrated_signed": ("calibrated_logits with signed neuron pairs (2T + 1 levels) at the block inputs and "
                           "the branch outputs", CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + SIGNED),
+    "calibrated_signed_qkv": ("calibrated_signed with Q, K and V signed pairs too (ternary Q·Kᵀ and P·V)",
+                              CALIBRATED + ["student.relative_surrogate=true"] + LOGITS + SIGNED + SIGNED_QKV),
     "paper_logits": ("the paper's setting with the logit-only losses of calibrated_logits", LOGITS),
     "init_all_logits": ("init all with the logit-only losses of calibrated_logits", ["student.init=all"] + LOGITS),
     "ann_logits": ("the ANN of the student's shape, init all, with the logit-only losses of calibrated_logits",

@@ -13,6 +13,10 @@ steps of query token i, so a cache of the binary K and V spikes is all increment
 ``num_key_value_heads < num_attention_heads`` (grouped-query attention, as in Llama-family teachers) each group of
 query heads reads the same head of K and V spikes, and the cache holds only the key/value heads.
 
+With Q, K or V signed neuron pairs (``neuron_overrides: {q: {signed: true}, ...}``) each head reads the pair's
+ternary ``S⁺ - S⁻``: the scores become sums of ±1 products in [-head_dim, head_dim] (an AND of the four spike
+combinations, added or subtracted) and ``O = P (V⁺ - V⁻)`` signed counts; the cache then holds both binary halves.
+
 Q·Kᵀ and P·V are integer sums of spikes; they run in float32 whatever the autocast (float32 sums of integers
 are exact up to 2^24; bfloat16 ones only up to 256).
 """
@@ -24,7 +28,7 @@ from torch import nn
 
 from .configuration import BiSpikCLMConfig
 from .neurons import LIFNeuron
-from .spike_ops import SpikeLinear, spike_matmul
+from .spike_ops import SpikeLinear, net_spikes, spike_matmul
 
 
 def causal_mask(query_length: int, key_length: int, key_mask: torch.Tensor | None,
@@ -60,11 +64,30 @@ class SFSA(nn.Module):
         self.v_neuron = LIFNeuron(**config.neuron_kwargs("v", self.v_proj.out_features))
         self.attn_neuron = LIFNeuron(**config.neuron_kwargs("attn"))
         self.out_neuron = LIFNeuron(**config.neuron_kwargs("attn_out", d))
+        self.signed = tuple(config.signed(group) for group in ("q", "k", "v"))
 
     @staticmethod
-    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    def _heads(x: torch.Tensor, heads: int, signed: bool = False) -> torch.Tensor:
+        """``[T, B, N, H·dh]`` -> ``[T, B, H, N, dh]``; a signed pair's ``[S⁺ | S⁻]`` (each ``H·dh`` wide) ->
+        ``[T, B, H, N, 2dh]``, each head's ``S⁺`` then its ``S⁻``."""
         t, b, n, _ = x.shape
-        return x.view(t, b, n, heads, -1).transpose(2, 3)  # [T, B, H, N, dh]
+        if signed:
+            return x.view(t, b, n, 2, heads, -1).permute(0, 1, 4, 2, 3, 5).reshape(t, b, heads, n, -1)
+        return x.view(t, b, n, heads, -1).transpose(2, 3)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The spikes of Q, K and V per head, ``[T, B, H or Hkv, N, dh or 2dh]`` (binary; ``2dh`` for a pair)."""
+        sq, sk, sv = self.signed
+        return (self._heads(self.q_neuron(self.q_proj(x)), self.num_heads, sq),
+                self._heads(self.k_neuron(self.k_proj(x)), self.num_kv_heads, sk),
+                self._heads(self.v_neuron(self.v_proj(x)), self.num_kv_heads, sv))
+
+    def read_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+        """What attention reads of the spikes: a pair's ``S⁺ - S⁻``, K and V repeated over their query-head
+        group, all in a dtype whose integer sums are exact (float32 at least)."""
+        exact = torch.promote_types(dtype, torch.float32)
+        q, k, v = ((net_spikes(x.to(exact)) if signed else x.to(exact)) for x, signed in zip((q, k, v), self.signed))
+        return q, self._repeat_kv(k), self._repeat_kv(v)
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """Key/value heads ``[T, B, Hkv, Nk, dh]`` -> one per query head ``[T, B, H, Nk, dh]`` (GQA groups)."""
@@ -77,26 +100,25 @@ class SFSA(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
         """Binary attention map and integer output for queries ``q`` ``[T,B,H,N,dh]`` against ``k, v``
         ``[T,B,H,Nk,dh]``."""
-        scores = spike_matmul(q, k.transpose(-1, -2))          # [T, B, H, N, Nk], integers
+        sq, sk, sv = self.signed
+        scores = spike_matmul(q, k.transpose(-1, -2), not sq, not sk)   # [T, B, H, N, Nk], integers
         scores = scores.masked_fill(~mask, 0)                  # AND with the binary mask
         attn = self.attn_neuron(scores, valid=mask, input_scale=self.attn_scale)
-        return attn, spike_matmul(attn, v)                     # P, O = P V (integer counts)
+        return attn, spike_matmul(attn, v, True, not sv)       # P, O = P V (integer counts)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, cache=None,
                 output_attentions: bool = False):
         """``x`` ``[T,B,N,D]`` binary; ``key_mask`` ``[B, Nk]`` (1 = real token) over past and new positions;
-        ``cache``: a Hugging Face ``Cache`` holding binary K/V spikes ``[B, T, Hkv, Nk, dh]`` (bool).
+        ``cache``: a Hugging Face ``Cache`` holding binary K/V spikes ``[B, T, Hkv, Nk, dh]`` (bool;
+        ``2dh`` for a signed pair).
 
         Returns ``(Y [T,B,N,D], mean_t P [B,H,N,Nk] or None)``."""
         t, b, n, d = x.shape
-        q = self._heads(self.q_neuron(self.q_proj(x)), self.num_heads)
-        k = self._heads(self.k_neuron(self.k_proj(x)), self.num_kv_heads)
-        v = self._heads(self.v_neuron(self.v_proj(x)), self.num_kv_heads)
+        q, k, v = self.qkv(x)
         if cache is not None:
             k, v = cache.update(k.transpose(0, 1).bool(), v.transpose(0, 1).bool(), self.layer_idx)
             k, v = k.transpose(0, 1), v.transpose(0, 1)
-        exact = torch.promote_types(x.dtype, torch.float32)     # integer sums stay exact
-        q, k, v = q.to(exact), self._repeat_kv(k.to(exact)), self._repeat_kv(v.to(exact))
+        q, k, v = self.read_qkv(q, k, v, x.dtype)               # integer sums stay exact
         mask = causal_mask(n, k.shape[-2], key_mask, x.device)
         chunk = self.chunk_size if (self.chunk_size and not torch.is_grad_enabled()) else n
         maps, outs = [], []

@@ -14,9 +14,9 @@ NEURON_GROUPS = ("block_in", "q", "k", "v", "attn", "attn_out", "ffn_in", "ffn_g
 NEURON_FIELDS = ("beta", "threshold", "surrogate", "alpha", "detach_reset", "learn_threshold", "learn_beta",
                  "initial_membrane", "fire", "per_channel", "relative_surrogate", "signed")
 #: Groups that may be signed neuron pairs (``neuron_overrides: {group: {signed: true}}``, fire "count"): the
-#: quantizers of the residual stream and of the updates added to it. Q, K and the attention map stay unsigned
-#: (binary Q·Kᵀ is an AND); V and the FFN's hidden layer are unsigned too.
-SIGNED_GROUPS = ("block_in", "attn_out", "ffn_in", "ffn_out")
+#: quantizers of the residual stream, of the updates added to it, and of Q, K and V (then Q·Kᵀ and P·V are sums of
+#: ternary products, ±1 per pair of spikes). The attention map and the FFN's hidden layer stay unsigned.
+SIGNED_GROUPS = ("block_in", "q", "k", "v", "attn_out", "ffn_in", "ffn_out")
 FFN_TYPES = ("mlp", "gated")
 FFN_GATES = ("select", "and")
 # Teacher families whose MLP is gated (SwiGLU/GeGLU: down(act(gate(x)) * up(x))): their students get a gated SFFN.
@@ -180,6 +180,9 @@ class BiSpikCLMConfig(PretrainedConfig):
                      f"are for {SIGNED_GROUPS}")
                 need(fields.get("fire", self.fire) == "count", "neuron_overrides",
                      f"asks for signed {group!r}, which needs fire='count'")
+                attn_fire = self.neuron_overrides.get("attn", {}).get("fire", self.fire)
+                need(group not in ("q", "k") or attn_fire == "count", "neuron_overrides",
+                     f"asks for signed {group!r}, whose ternary scores need fire='count' for the attention map")
 
     @property
     def attention_head_dim(self) -> int:

@@ -3,9 +3,10 @@
 This is how the library checks its own claims ("every matrix product is fed by spikes", "no softmax, exp or
 division in the blocks"): it intercepts the ATen operators under a ``TorchDispatchMode`` instead of trusting the
 Python source. Each record names the operator, the innermost module path, and for each tensor operand whether it
-is ``binary`` (only 0/1), ``count`` (non-negative integers), ``scalar`` (a Python number or a 0-d tensor) or
-``float``; for the operands of matrix products that hold spikes (``binary`` or ``count``) it also keeps their sum,
-the number of spikes actually fired, from which the cost model counts accumulates.
+is ``binary`` (only 0/1), ``count`` (non-negative integers), ``signed`` (integers, some negative: the net spikes
+``S⁺ - S⁻`` of signed neuron pairs, or sums of them), ``scalar`` (a Python number or a 0-d tensor) or ``float``;
+for the operands of matrix products that hold spikes (:data:`SPIKE_KINDS`) it also keeps their sum of absolute
+values, the number of spikes actually fired, from which the cost model counts accumulates.
 """
 
 from __future__ import annotations
@@ -41,34 +42,36 @@ FORBIDDEN_OPS = {
                       aten.var_mean.correction, aten.var.correction},
 }
 MUL_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar}
+#: Operand kinds that hold spikes: 0/1, non-negative integer counts, or integers of either sign.
+SPIKE_KINDS = ("binary", "count", "signed")
 
 
 def operand_kind(x) -> str:
-    """``binary``, ``count``, ``scalar`` or ``float`` for one operand (``other`` for non-numeric values)."""
+    """``binary``, ``count``, ``signed``, ``scalar`` or ``float`` for one operand (``other`` for non-numeric
+    values)."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return "scalar"
     if not isinstance(x, torch.Tensor):
         return "other"
     if x.dim() == 0:
         return "scalar"
-    if x.dtype == torch.bool:
+    if x.dtype == torch.bool or x.numel() == 0:
         return "binary"
-    if x.numel() == 0:
-        return "binary"
-    if not x.dtype.is_floating_point:
-        return "binary" if bool(((x == 0) | (x == 1)).all()) else "count"
+    if x.dtype.is_floating_point and not bool((x == torch.round(x)).all()):
+        return "float"
     if bool(((x == 0) | (x == 1)).all()):
         return "binary"
-    if bool(((x == torch.round(x)) & (x >= 0)).all()):
+    if bool((x >= 0).all()):
         return "count"
-    return "float"
+    return "signed" if float(x.abs().max()) <= 2 ** 16 else "float"    # not a mask of -inf or finfo.min
 
 
 @dataclass
 class OpRecord:
     """One operator call: name, module path, operand kinds (tensor and scalar operands in order), shapes.
 
-    For matrix products, ``sums`` holds each operand's sum when it is ``binary`` or ``count`` (``None`` otherwise)
+    For matrix products, ``sums`` holds each operand's sum of absolute values when it holds spikes
+    (:data:`SPIKE_KINDS`; ``None`` otherwise)
     and ``bias`` says whether the operator also added a bias (``addmm``, ``baddbmm``)."""
 
     op: str
@@ -126,7 +129,7 @@ class _Recorder(TorchDispatchMode):
             operands = _matmul_operands(func, args) if is_matmul else tree_flatten((args, kwargs))[0]
             operands = [a for a in operands if isinstance(a, (torch.Tensor, int, float)) and not isinstance(a, bool)]
             kinds = tuple(operand_kind(a) for a in operands)
-            sums = tuple(float(a.sum()) if is_matmul and kind in ("binary", "count") else None
+            sums = tuple(float(a.abs().sum()) if is_matmul and kind in SPIKE_KINDS else None
                          for a, kind in zip(operands, kinds))
             self.trace.records.append(OpRecord(
                 op=str(func.overloadpacket.__name__), module=self.stack[-1] if self.stack else "", kinds=kinds,

@@ -232,7 +232,7 @@ def test_early_stopping_keeps_the_best_weights_and_resumes_stopped(setup):
 
 
 # ---- one optimizer step in process: clipping, weight decay, checkpointing ---------------------------------------
-def tiny_trainer(wikitext_word_ids, out, **train):
+def tiny_trainer(wikitext_word_ids, out, student_options=None, **train):
     """A spiking student of WikiText-2 word ids trained with cross-entropy only (no teacher needed)."""
     from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
     from bispikclm.data import pack
@@ -242,7 +242,8 @@ def tiny_trainer(wikitext_word_ids, out, **train):
     torch.manual_seed(0)
     student = BiSpikCLMForCausalLM(BiSpikCLMConfig(
         vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-        max_position_embeddings=32, time_steps=2, learn_threshold="channel", learn_beta="group"))
+        max_position_embeddings=32, time_steps=2, learn_threshold="channel", learn_beta="group",
+        **(student_options or {})))
     config = TrainConfig(**{"tokens": 4 * 32 * 3, "seq_len": 32, "batch_size": 4, "lr": 0.003, "warmup_ratio": 0.0,
                             "weights": {"emb": 0, "attn": 0, "feat": 0, "soft": 0, "hard": 1}, **train})
     return Trainer(student, config, pack(ids[:4096], 32), None, out, progress=False)
@@ -320,10 +321,17 @@ def test_weight_decay_spares_biases_norms_gains_thresholds_and_leaks(wikitext_wo
     assert "model.embed_tokens.weight" in {names[i] for i in decayed}
 
 
-def test_gradient_checkpointing_option_gives_the_same_run(wikitext_word_ids, tmp_path):
+SIGNED_STUDENT = dict(fire="count", beta=1.0, initial_membrane=0.5,
+                      neuron_overrides={g: {"signed": True} for g in ("block_in", "q", "k", "v", "attn_out")})
+
+
+@pytest.mark.parametrize("student_options", [None, SIGNED_STUDENT], ids=["unsigned", "signed"])
+def test_gradient_checkpointing_option_gives_the_same_run(wikitext_word_ids, tmp_path, student_options):
     """`train.gradient_checkpointing: true` recomputes each block in backward: same losses, norms and weights,
-    and the forward keeps less for the backward."""
-    runs = [tiny_trainer(wikitext_word_ids, tmp_path / str(on), gradient_checkpointing=on) for on in (False, True)]
+    and the forward keeps less for the backward (also with signed pairs, whose negative P·V counts the spike
+    cost takes |x| of)."""
+    runs = [tiny_trainer(wikitext_word_ids, tmp_path / str(on), student_options, gradient_checkpointing=on,
+                         spike_cost=0.5 if student_options else 0.0) for on in (False, True)]
     assert [r.model.model.layers[0].gradient_checkpointing for r in runs] == [False, True]
     saved = []
     for run in runs:

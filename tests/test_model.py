@@ -31,7 +31,11 @@ SHAPES = {"opt": {}, "llama-select": dict(num_key_value_heads=2, ffn_type="gated
           # the same with signed neuron pairs at the block inputs and the branch outputs ([S⁺, S⁻], 2T + 1 levels)
           "opt-signed": dict(fire="count", beta=1.0, initial_membrane=0.5, per_channel_neurons=True,
                              relative_surrogate=True, neuron_overrides={
-                                 group: {"signed": True} for group in SIGNED_GROUPS})}
+                                 group: {"signed": True} for group in ("block_in", "attn_out", "ffn_in", "ffn_out")}),
+          # every group that can be signed, Q, K and V included (ternary Q·Kᵀ and P·V), with GQA and a gated SFFN
+          "llama-signed-qkv": dict(num_key_value_heads=2, ffn_type="gated", ffn_gate="select", fire="count", beta=1.0,
+                                   initial_membrane=0.5, per_channel_neurons=True, relative_surrogate=True,
+                                   neuron_overrides={group: {"signed": True} for group in SIGNED_GROUPS})}
 
 
 def small_model(shape: str = "opt", **overrides) -> BiSpikCLMForCausalLM:
@@ -58,13 +62,16 @@ def test_every_matmul_in_the_blocks_is_fed_by_spikes(shape, spiking_head):
     matmuls = trace.matmuls("model.layers")
     # q, k, v, QK^T, PV, out + fc1, fc2 (OPT) or gate, up, down (gated) per layer
     assert len(matmuls) == 2 * (8 if shape.startswith("opt") else 9)
+    qkv = shape == "llama-signed-qkv"
     for rec in matmuls:
         spike_side = rec.kinds[0]
-        assert spike_side in ("binary", "count"), rec
-        if rec.module.endswith("self_attn"):  # Q K^T and P V: both operands spikes
-            assert rec.kinds[1] == "binary", rec
-    counts = [r for r in matmuls if r.kinds[0] == "count"]
+        assert spike_side in ("binary", "count", "signed"), rec
+        if rec.module.endswith("self_attn"):  # Q K^T and P V: both operands spikes (ternary S⁺ - S⁻ when signed)
+            assert rec.kinds in ((("signed", "signed"), ("binary", "signed")) if qkv else
+                                 (("binary", "binary"),)), rec
+    counts = [r for r in matmuls if r.module.endswith("out_proj") or r.kinds[0] == "count"]
     assert {r.module.rsplit(".", 1)[-1] for r in counts} == {"out_proj"}  # O = P V is an integer count
+    assert {r.kinds[0] for r in counts} == {"signed" if qkv else "count"}  # of either sign with signed V
     head = trace.matmuls("lm_head")
     assert head and all(r.kinds[0] == ("binary" if spiking_head else "float") for r in head)
 
@@ -83,12 +90,14 @@ def test_no_softmax_exp_or_division_in_the_blocks_and_multiplications_are_listed
     if shape == "opt-learned":   # learned leak (0-d) times the membrane; learned threshold per channel times spikes
         allowed |= {("scalar", kind) for kind in ("float", "binary", "count")} | {(k, "binary") for k in
                                                                                   ("float", "binary")}
-    if shape in ("opt-count", "opt-calibrated", "opt-signed"):   # the firing levels (t + 1) * threshold: constants of the neuron
-        allowed |= {("scalar", "scalar")}
+    if shape in ("opt-count", "opt-calibrated", "opt-signed", "llama-signed-qkv"):
+        allowed |= {("scalar", "scalar")}    # the firing levels (t + 1) * threshold: constants of the neuron
+    if shape == "llama-signed-qkv":          # the attention scale times ternary scores
+        allowed |= {("signed", "scalar")}
     assert kinds <= allowed | ({("binary", "binary")} if shape == "llama-and" else set()), kinds
     selects = [r for r in muls if r.kinds == ("binary", "float")]
     assert all(r.module.startswith("model.layers.") for r in selects)
-    assert len(selects) == 2 * (3 if shape == "llama-select" else 2)   # 2 residual weights per block (+ gate)
+    assert len(selects) == 2 * (3 if SHAPES[shape].get("ffn_gate") == "select" else 2)  # 2 residual weights (+ gate)
     assert all(not (r.kinds[0] == "float" and r.kinds[1] == "float") for r in muls)
     if shape == "llama-and":
         assert len([r for r in muls if r.kinds == ("binary", "binary")]) == 2
@@ -194,8 +203,9 @@ def test_incremental_decoding_equals_full_forward(shape, time_steps):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
     layer = cache.layers[0]
     kv_heads = 4 if shape.startswith("opt") else 2                 # the cache holds only the key/value heads
-    assert layer.keys.dtype == torch.bool and layer.keys.shape == (2, time_steps, kv_heads, 40, 16)
-    assert layer.values.dtype == torch.bool and layer.values.shape == (2, time_steps, kv_heads, 40, 16)
+    width = 32 if shape == "llama-signed-qkv" else 16              # a signed pair's S⁺ and S⁻ per head
+    assert layer.keys.dtype == torch.bool and layer.keys.shape == (2, time_steps, kv_heads, 40, width)
+    assert layer.values.dtype == torch.bool and layer.values.shape == (2, time_steps, kv_heads, 40, width)
 
 
 @pytest.mark.parametrize("shape", ["opt", "llama-select"])

@@ -1,7 +1,7 @@
 """Signed neuron pairs: two binary count neurons per channel, driven by I and -I, that together quantize to 2T + 1
 levels. Each claim against a hand computation: the spike counts of a constant current, the quantizer that
-calibration sets, the least-squares fits of the net spikes, the layers that read ``W·S⁺ - W·S⁻``, and the places
-that must refuse the option."""
+calibration sets, the least-squares fits of the net spikes, the layers that read ``W·S⁺ - W·S⁻``, ternary
+attention when Q, K and V are pairs, and the places that must refuse the option."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import OPTConfig
 
-from bispikclm import BiSpikCLMConfig
+from bispikclm import BiSpikCLMConfig, BiSpikCLMForCausalLM
+from bispikclm.attention import causal_mask
 from bispikclm.distill.calibrate import net_spikes, quantize, ridge_fit, set_neuron_levels, set_time_steps
 from bispikclm.energy import count_operations
 from bispikclm.engine import PackedEngine, quantize_, spike_agreement
@@ -19,10 +20,11 @@ from bispikclm.configuration import SIGNED_GROUPS
 from bispikclm.errors import InvalidConfig
 from bispikclm.neurons import FiringRateRecorder, LIFNeuron
 from bispikclm.spike_ops import SpikeLinear, spike_scale
+from bispikclm.tracing import operand_kind
 from helpers import calibrated_opt, engine_and_model, first_block_spikes_and_teacher_q
 
 T = 2
-SIGNED = {group: {"signed": True} for group in SIGNED_GROUPS}
+SIGNED = {group: {"signed": True} for group in SIGNED_GROUPS}     # every group that can be a pair, Q, K, V too
 
 
 def constant(values: torch.Tensor, steps: int) -> torch.Tensor:
@@ -155,11 +157,74 @@ def test_engine_reproduces_a_calibrated_student_with_pairs_spike_for_spike(calib
     assert ours["model.layers.0.attn_in_neuron"].shape[-1] == 128
     assert spike_agreement(ours, theirs) == 1.0
     assert torch.equal(steps.argmax(-1), logits.argmax(-1))
+    counts = ours["model.layers.0.self_attn.out_proj"]
+    assert counts.min() < 0 < counts.max()       # O = P (V⁺ - V⁻): signed counts, read by the int8 rows as they are
+
+
+def test_ternary_attention_against_a_hand_computation():
+    """Q, K and V pairs: the scores are (Q⁺ - Q⁻)·(K⁺ - K⁻) summed by hand over each head's channels, the map is
+    the attention neuron of those scores, and out_proj receives O = P (V⁺ - V⁻), causal, per time step."""
+    config = BiSpikCLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, ffn_dim=64, max_position_embeddings=16, fire="count", beta=1.0,
+                             initial_membrane=0.5, threshold=0.3, neuron_overrides=SIGNED)
+    torch.manual_seed(0)
+    attn = BiSpikCLMForCausalLM(config).eval().model.layers[0].self_attn
+    x = (torch.rand(T, 1, 6, 64) < 0.3).float()                          # block-input pairs [S⁺, S⁻]
+    seen = {}
+    attn.out_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("o", a[0]))
+    with torch.no_grad():
+        attn(x)
+        q = attn.q_neuron(attn.q_proj(x))[:, 0]                          # [T, N, 2 · H · dh]: [S⁺ | S⁻]
+        k = attn.k_neuron(attn.k_proj(x))[:, 0]
+        v = attn.v_neuron(attn.v_proj(x))[:, 0]
+    assert set(q.unique().tolist()) <= {0.0, 1.0} and set(k.unique().tolist()) <= {0.0, 1.0}
+    dh, hq = 16, 32
+    net = lambda s, size: s[..., :size] - s[..., size:]  # noqa: E731
+    qn, kn, vn = net(q, hq), net(k, dh), net(v, dh)
+    expected = torch.zeros(T, 6, hq)
+    scores_seen = []
+    for h in range(2):                                                   # both query heads read K/V head 0
+        scores = torch.zeros(T, 6, 6)
+        for t in range(T):
+            for i in range(6):
+                for j in range(i + 1):
+                    scores[t, i, j] = sum(float(qn[t, i, h * dh + c] * kn[t, j, c]) for c in range(dh))
+        scores_seen.append(scores)
+        mask = causal_mask(6, 6, None, x.device)[0, 0]
+        with torch.no_grad():
+            p = attn.attn_neuron(scores, valid=mask, input_scale=attn.attn_scale)
+        assert set(p.unique().tolist()) <= {0.0, 1.0} and not bool(p[:, ~mask].any())
+        expected[..., h * dh:(h + 1) * dh] = p @ vn
+    assert min(float(s.min()) for s in scores_seen) < 0                 # ternary products: scores of either sign
+    torch.testing.assert_close(seen["o"][:, 0], expected, rtol=0, atol=0)
+    assert seen["o"].min() < 0
+
+
+def test_signed_spike_operands_are_traced_as_signed_and_counted_by_their_magnitude():
+    assert operand_kind(torch.tensor([-1.0, 0.0, 1.0])) == "signed"
+    assert operand_kind(torch.tensor([-3, 0, 2], dtype=torch.int16)) == "signed"
+    assert operand_kind(torch.tensor([0.0, 2.0])) == "count"
+    assert operand_kind(torch.tensor([float("-inf"), 0.0])) == "float"            # an additive mask
+    assert operand_kind(torch.tensor([torch.finfo(torch.float32).min, 0.0])) == "float"
+    assert operand_kind(torch.tensor([-0.5, 1.0])) == "float"
+    config = BiSpikCLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             ffn_dim=64, max_position_embeddings=16, fire="count", beta=1.0, initial_membrane=0.5,
+                             threshold=0.3, neuron_overrides=SIGNED)
+    torch.manual_seed(0)
+    model = BiSpikCLMForCausalLM(config).eval()
+    report = count_operations(model, torch.randint(0, 300, (1, 8)))
+    qk = {e.kind: e for e in report.entries if e.name.endswith("Q·Kᵀ") and e.layer == 0}
+    assert qk["ac"].operand == "signed" and 0 < qk["ac"].count
+    assert qk["and_popcount"].count == 4 * qk["ac"].dense               # S⁺/S⁻ of Q against S⁺/S⁻ of K
+    out = [e for e in report.entries if e.name == "self_attn.out_proj" and e.kind == "ac"]
+    assert out and out[0].operand == "signed" and out[0].count > 0       # |O| ACs, not a sum that cancels
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"q": {"signed": True}}, "signed neuron pairs are for"),
+    ({"attn": {"signed": True}}, "signed neuron pairs are for"),
+    ({"ffn_hidden": {"signed": True}}, "signed neuron pairs are for"),
     ({"block_in": {"signed": True, "fire": "step"}}, "needs fire='count'"),
+    ({"k": {"signed": True}, "attn": {"fire": "step"}}, "fire='count' for the attention map"),
 ])
 def test_config_refuses_pairs_where_they_cannot_run(overrides, match):
     with pytest.raises(InvalidConfig, match=match):

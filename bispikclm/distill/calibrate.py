@@ -170,9 +170,7 @@ def _attention_counts(attn: nn.Module, a: torch.Tensor, batch_size: int = 16) ->
         return torch.cat([_attention_counts(attn, a[:, s:s + batch_size], batch_size)
                           for s in range(0, a.shape[1], batch_size)], dim=1)
     t, s, n, _ = a.shape
-    q = attn._heads(attn.q_neuron(attn.q_proj(a)), attn.num_heads)
-    k = attn._repeat_kv(attn._heads(attn.k_neuron(attn.k_proj(a)), attn.num_kv_heads))
-    v = attn._repeat_kv(attn._heads(attn.v_neuron(attn.v_proj(a)), attn.num_kv_heads))
+    q, k, v = attn.read_qkv(*attn.qkv(a), a.dtype)
     _, out = attn.attend(q, k, v, causal_mask(n, n, None, a.device))
     return out.transpose(2, 3).reshape(t, s, n, -1)
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..attention import SFSA
 from ..configuration import BiSpikCLMConfig
 from ..cost_tables import EnergyTable
 from ..modeling import neuron_group
@@ -401,11 +402,24 @@ class SpikeCostLoss(_Recorded):
             layers.append(model.lm_head)
         self.ann_macs = sum(m.in_features * m.out_features for m in layers) + (
             0 if model.config.spiking_head else model.lm_head.in_features * model.lm_head.out_features)
+        # out_proj of attention with signed V reads P (V⁺ - V⁻), counts of either sign: each costs |x| ACs
+        self.signed_inputs = {id(m.out_proj) for m in model.modules() if isinstance(m, SFSA) and m.signed[2]}
         self.handles = [m.register_forward_hook(self._hook) for m in layers]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0]
+        if id(module) in self.signed_inputs:
+            # |x| keeps x for its backward; it runs whenever autograd records, so that a block recomputed by
+            # gradient checkpointing saves what its forward saved
+            if self._sums is None and not (torch.is_grad_enabled() and x.requires_grad):
+                return
+            total = x.abs().sum(dtype=torch.float32)
+        elif self._sums is None:
+            return
+        else:
+            total = x.sum(dtype=torch.float32)
         if self._sums is not None:
-            self._sums.append(inputs[0].sum(dtype=torch.float32) * module.out_features)
+            self._sums.append(total * module.out_features)
 
     def value(self, tokens: int) -> torch.Tensor:
         """The estimate for the forward passes recorded so far in :meth:`recording`, over ``tokens`` tokens."""

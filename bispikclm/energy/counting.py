@@ -2,11 +2,13 @@
 
 Everything is counted from what runs (METHOD §6), not from a formula:
 
-* every matrix product is intercepted (:mod:`bispikclm.tracing`). A product with a spike operand (0/1, or the
-  integer counts ``O = P V``) costs accumulates, ``AC = (spikes actually fired) x fan-out``; a product of two
+* every matrix product is intercepted (:mod:`bispikclm.tracing`). A product with a spike operand (0/1, the
+  integer counts ``O = P V``, or a signed pair's ``S⁺ - S⁻``) costs accumulates, ``AC = (spikes actually fired)
+  x fan-out``; a product of two
   real-valued operands costs ``MAC = m x k x n``. ``addmm``/``baddbmm`` also add a bias: one AC per output.
 * the spike-by-spike product ``Q Kᵀ`` of an attention module is also listed as AND/popcount bit operations
-  (``N x Nk x d_head`` per head and step, informational: its energy is charged through its AC line).
+  (``N x Nk x d_head`` per head and step, twice that per signed operand: informational, its energy is charged
+  through its AC line).
 * every LIF neuron call costs one update per neuron and step (``β·U + I``: one MAC; the threshold comparison:
   one AC) and one AC per spike (the soft reset).
 * the student's remaining element-wise work is added from its structure: the embedding sum and input gain,
@@ -31,7 +33,7 @@ from ..cost_tables import EnergyTable
 from ..modeling import NEURON_GROUP_OF, BiSpikCLMForCausalLM
 from ..neurons import FiringRateRecorder, LIFNeuron
 from ..spike_ops import SpikeLinear
-from ..tracing import blocks_prefix, place, sections, trace_ops
+from ..tracing import SPIKE_KINDS, blocks_prefix, place, sections, trace_ops
 
 
 @dataclass
@@ -40,8 +42,8 @@ class CostEntry:
     outside the blocks), ``name`` (module path inside the block or the model), ``kind`` (:data:`KIND_COST`).
 
     For an ``ac`` entry of a product, ``dense`` is the MACs a product of the same shapes with real-valued inputs
-    would do, and ``operand`` the kind of its spike operand (``binary`` or ``count``): ``count / dense`` is the
-    operand's firing rate (for integer counts, its mean count)."""
+    would do, and ``operand`` the kind of its spike operand (``binary``, ``count`` or ``signed``): ``count / dense``
+    is the operand's firing rate (for integer counts, its mean magnitude)."""
 
     part: str
     layer: int | None
@@ -113,14 +115,15 @@ def _product_entries(trace, modules: dict[str, nn.Module], blocks: str) -> list[
         left, right = (left if len(left) > 1 else (1, *left)), (right if len(right) > 1 else (*right, 1))  # mv, dot
         m, n = math.prod(left[:-1]), right[-1]                         # left [..., m, k] @ right [..., k, n]
         dense = math.prod(left) * n
-        if kind_l in ("binary", "count"):
+        if kind_l in SPIKE_KINDS:
             entries.append(CostEntry(part, layer, name, "ac", r.sums[0] * n, dense, kind_l))
-        elif kind_r in ("binary", "count"):
+        elif kind_r in SPIKE_KINDS:
             entries.append(CostEntry(part, layer, name, "ac", r.sums[1] * left[-2], dense, kind_r))  # fan-out: rows
         else:
             entries.append(CostEntry(part, layer, name, "mac", dense))
-        if name.endswith("Q·Kᵀ") and kind_l == kind_r == "binary":
-            entries.append(CostEntry(part, layer, name, "and_popcount", dense))
+        if name.endswith("Q·Kᵀ") and kind_l in ("binary", "signed") and kind_r in ("binary", "signed"):
+            pairs = (2 if kind_l == "signed" else 1) * (2 if kind_r == "signed" else 1)   # S⁺ and S⁻ halves
+            entries.append(CostEntry(part, layer, name, "and_popcount", dense * pairs))
         if r.bias:
             entries.append(CostEntry(part, layer, name, "bias_add", m * n))
     return entries

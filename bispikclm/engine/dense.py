@@ -7,7 +7,7 @@ inputs that fired, so the currents are the same bits. A product of 0/1 spikes wi
 no multiplication the model needs: each output is still the accumulation of the weight rows its spikes select;
 the dense product is one way for a CPU to run that accumulation for many tokens at once (its integer SIMD units
 read each weight once per block of tokens). :func:`linear_counts` does the same for the attention counts, split
-into base-128 digits so each factor fits int8. The other kernels are :mod:`bispikclm.engine.kernels`' own, so
+into base-128 digits (of either sign: signed V makes them signed) so each factor fits int8. The other kernels are :mod:`bispikclm.engine.kernels`' own, so
 this module is a drop-in kernel set for the engine's per-kernel path.
 """
 
@@ -45,13 +45,14 @@ def linear_spikes(spikes: np.ndarray, weight: np.ndarray, bias: np.ndarray, scal
 def linear_counts(counts: np.ndarray, weight: np.ndarray, bias: np.ndarray, scale: np.ndarray,
                   out: np.ndarray) -> None:
     """:func:`bispikclm.engine.reference.linear_counts` for integer weights by dense int8 products, one per
-    base-128 digit of the counts (``sum_j 128^j (digit_j W)``, in int32 arithmetic like the kernels' sums)."""
+    base-128 digit of the counts (``sum_j 128^j (digit_j W)``, in int32 arithmetic like the kernels' sums). The
+    digits of a negative count are negative (remainder and quotient truncate towards zero), in [-127, 127]."""
     rows = _int8_rows(weight, bias.shape[0])
     rest = torch.from_numpy(counts.reshape(-1, counts.shape[-1]))
     acc, place = torch.zeros((rest.shape[0], bias.shape[0]), dtype=torch.int32), 1
     while True:
-        acc += place * torch._int_mm((rest % DIGIT).to(torch.int8), rows)
-        rest = rest // DIGIT
+        acc += place * torch._int_mm(torch.fmod(rest, DIGIT).to(torch.int8), rows)
+        rest = torch.div(rest, DIGIT, rounding_mode="trunc")
         if not bool(rest.any()):
             break
         place *= DIGIT

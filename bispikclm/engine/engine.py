@@ -179,12 +179,13 @@ class FusedPlan:
 
 class PackedCache:
     """Binary K and V spikes of every layer, packed: ``keys``, ``values`` ``[L, T, max_length, W]`` uint64, with
-    ``W`` the words of the key/value heads (``num_key_value_heads * head_dim`` spikes)."""
+    ``W`` the words of the key/value heads (``num_key_value_heads * head_dim`` spikes, twice that for a signed
+    pair: its positive half, then its negative half)."""
 
-    def __init__(self, layers: int, time_steps: int, max_length: int, kv_size: int) -> None:
-        shape = (layers, time_steps, max_length, words(kv_size))
-        self.keys = np.zeros(shape, np.uint64)
-        self.values = np.zeros(shape, np.uint64)
+    def __init__(self, layers: int, time_steps: int, max_length: int, key_size: int,
+                 value_size: int | None = None) -> None:
+        self.keys = np.zeros((layers, time_steps, max_length, words(key_size)), np.uint64)
+        self.values = np.zeros((layers, time_steps, max_length, words(value_size or key_size)), np.uint64)
         self.length = 0
 
 
@@ -284,7 +285,7 @@ class PackedEngine:
         """An empty cache for up to ``max_length`` positions (default: ``max_position_embeddings``)."""
         cfg = self.config
         return PackedCache(cfg.num_hidden_layers, cfg.time_steps, max_length or cfg.max_position_embeddings,
-                           self.kv_size)
+                           self._width("self_attn.k_neuron"), self._width("self_attn.v_neuron"))
 
     def _lif(self, current: np.ndarray, neuron: Neuron) -> np.ndarray:
         if neuron.signed:                        # the pair's neurons, one driven by I and one by -I
@@ -379,7 +380,7 @@ class PackedEngine:
             counts = np.empty((n, cfg.time_steps, self.q_size), np.int32)
             self.ops.sfsa(q, cache.keys[i], cache.values[i], past, cfg.num_attention_heads, cfg.key_value_heads,
                           self.head_dim, cfg.effective_attn_scale, attn.beta, attn.threshold, attn.initial,
-                          attn.count, counts)
+                          attn.count, counts, tuple(cfg.signed(group) for group in "qkv"))
             y = self._lif(self._current(counts, block.out, ops, counts=True), neurons["self_attn.out_neuron"])
             self._residual(x, y, block.attn_residual_scale, neurons["self_attn.out_neuron"])
             b = self._lif(x.copy(), neurons["ffn_in_neuron"])

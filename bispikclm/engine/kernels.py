@@ -306,30 +306,51 @@ def _window(row, start, n_bits):
     return bits
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _head_score(q_bits, q_signed, row, lo, neg, head_dim):
+    """``popcount(Q AND K)`` of one head: ``q_bits`` ``[2, chunks]`` (the query's bits; with ``q_signed`` its
+    positive, then its negative half), ``row`` a packed K row with the head at bit ``lo`` (and, for signed K,
+    its negative half at ``neg + lo``; ``neg`` -1: unsigned). With either signed, the score is the ternary
+    product ``(Q⁺ - Q⁻)·(K⁺ - K⁻)``: each AND of a positive with a negative half counts -1."""
+    score = np.int64(0)
+    for i in range((head_dim + 63) // 64):
+        width = min(64, head_dim - 64 * i)
+        k_pos = _window(row, lo + 64 * i, width)
+        score += np.int64(_popcount(q_bits[0, i] & k_pos))
+        if q_signed:
+            score -= np.int64(_popcount(q_bits[1, i] & k_pos))
+        if neg >= 0:
+            k_neg = _window(row, neg + lo + 64 * i, width)
+            score -= np.int64(_popcount(q_bits[0, i] & k_neg))
+            if q_signed:
+                score += np.int64(_popcount(q_bits[1, i] & k_neg))
+    return score
+
+
 @njit(cache=True, nogil=True)
 def _sfsa_job(job, q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold, initial,
-              count, out):
-    """Job ``job`` of :func:`_sfsa`: new query ``job // num_heads``, head ``job % num_heads``."""
+              count, q_neg, k_neg, v_neg, out):
+    """Job ``job`` of :func:`_sfsa`: new query ``job // num_heads``, head ``job % num_heads``. ``q_neg``,
+    ``k_neg``, ``v_neg``: where the negative half of a signed pair's packed row starts (-1: unsigned)."""
     t_steps = q.shape[1]
     group = num_heads // num_kv_heads
     chunks = (head_dim + 63) // 64
     n, h = job // num_heads, job % num_heads
     q_lo, kv_lo = h * head_dim, (h // group) * head_dim     # a group of query heads shares one K/V head
-    q_bits = np.empty((t_steps, chunks), np.uint64)
+    q_bits = np.zeros((t_steps, 2, chunks), np.uint64)
     fired = np.empty(t_steps, np.bool_)
     for t in range(t_steps):
         for i in range(chunks):
-            q_bits[t, i] = _window(q[n, t], q_lo + 64 * i, min(64, head_dim - 64 * i))
+            q_bits[t, 0, i] = _window(q[n, t], q_lo + 64 * i, min(64, head_dim - 64 * i))
+            if q_neg >= 0:
+                q_bits[t, 1, i] = _window(q[n, t], q_neg + q_lo + 64 * i, min(64, head_dim - 64 * i))
         for c in range(q_lo, q_lo + head_dim):
             out[n, t, c] = 0
     for j in range(past + n + 1):
         u = initial
         s = np.float32(0.0)
         for t in range(t_steps):
-            score = np.uint64(0)
-            for i in range(chunks):
-                score += _popcount(q_bits[t, i] & _window(k_cache[t, j], kv_lo + 64 * i,
-                                                          min(64, head_dim - 64 * i)))
+            score = _head_score(q_bits[t], q_neg >= 0, k_cache[t, j], kv_lo, k_neg, head_dim)
             if count:
                 u = initial + np.float32(score) * scale if t == 0 else u + np.float32(score) * scale
                 continue
@@ -341,27 +362,32 @@ def _sfsa_job(job, q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim,
                 fired[t] = u >= np.float32(t + 1) * threshold
         for t in range(t_steps):
             if fired[t]:
-                for i in range(chunks):
-                    bits = _window(v_cache[t, j], kv_lo + 64 * i, min(64, head_dim - 64 * i))
-                    while bits:
-                        c = q_lo + 64 * i + _ctz(bits)
-                        bits &= bits - np.uint64(1)
-                        out[n, t, c] += 1
+                for half in range(2 if v_neg >= 0 else 1):      # V⁺ adds one per spike, V⁻ subtracts one
+                    lo, sign = (kv_lo, 1) if half == 0 else (v_neg + kv_lo, -1)
+                    for i in range(chunks):
+                        bits = _window(v_cache[t, j], lo + 64 * i, min(64, head_dim - 64 * i))
+                        while bits:
+                            c = q_lo + 64 * i + _ctz(bits)
+                            bits &= bits - np.uint64(1)
+                            out[n, t, c] += sign
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold, initial, count, out):
+def _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold, initial, count,
+          q_neg, k_neg, v_neg, out):
     for job in prange(q.shape[0] * num_heads):
         _sfsa_job(job, q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, scale, beta, threshold,
-                  initial, count, out)
+                  initial, count, q_neg, k_neg, v_neg, out)
 
 
 def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, num_kv_heads: int,
          head_dim: int, scale: float, beta: float, threshold: float, initial: float, count: bool,
-         out: np.ndarray) -> None:
+         out: np.ndarray, signed: tuple[bool, bool, bool] = (False, False, False)) -> None:
     """See :func:`bispikclm.engine.reference.sfsa`."""
+    q_neg, k_neg, v_neg = (size if on else -1 for size, on in
+                           zip((num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), signed))
     _sfsa(q, k_cache, v_cache, past, num_heads, num_kv_heads, head_dim, np.float32(scale), np.float32(beta),
-          np.float32(threshold), np.float32(initial), bool(count), out)
+          np.float32(threshold), np.float32(initial), bool(count), q_neg, k_neg, v_neg, out)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -468,7 +494,7 @@ def _blocks(x, past, keys, values, weights, biases, scales, thresholds, initials
         threshold, initial = thresholds[NEURON_SLOTS * i + ATTN][0], initials[NEURON_SLOTS * i + ATTN][0]
         for job in prange(n * heads):        # list items read outside the threads
             _sfsa_job(job, q, k_cache, v_cache, past, heads, kv_heads, head_dim, attn_scale, beta, threshold,
-                      initial, count, o)
+                      initial, count, -1, -1, -1, o)
         weight, bias, scale = weights[LINEARS * i + 1], biases[LINEARS * i + 1], scales[LINEARS * i + 1]
         current = np.empty((n, t_steps, d), np.float32)
         rows, factors, lengths = _events_from_counts(o, bias)

@@ -92,7 +92,7 @@ def residual_add(x: np.ndarray, spikes: np.ndarray, gain: np.ndarray) -> None:
 
 def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num_heads: int, num_kv_heads: int,
          head_dim: int, scale: float, beta: float, threshold: float, initial: float, count: bool,
-         out: np.ndarray) -> None:
+         out: np.ndarray, signed: tuple[bool, bool, bool] = (False, False, False)) -> None:
     """Softmax-free spiking attention of ``N`` new queries against the binary K/V cache.
 
     ``q`` ``[N, T, W]`` packed (``num_heads`` heads of ``head_dim``); ``k_cache``, ``v_cache`` ``[T, N_max, W_kv]``
@@ -101,17 +101,27 @@ def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num
     and key: ``S = popcount(Q AND K)``, ``P = LIF(scale * S)`` over the T steps (membrane from ``initial``; with
     ``count``, the attention neuron fires as :func:`lif` does with ``count``), and ``out``
     ``[N, T, num_heads * head_dim]`` int32 gets ``O = P V``, the count of the value spikes of the keys whose
-    attention neuron fired."""
+    attention neuron fired.
+
+    ``signed`` says which of Q, K, V are signed neuron pairs: their packed rows hold the positive half, then the
+    negative half (twice the width), and attention reads ``S⁺ - S⁻``: ternary scores ``(Q⁺ - Q⁻)·(K⁺ - K⁻)``
+    and signed counts ``O = P (V⁺ - V⁻)``."""
     n_new, t_steps, _ = q.shape
     keys, group = past + n_new, num_heads // num_kv_heads
-    qb = unpack(q, num_heads * head_dim).reshape(n_new, t_steps, num_heads, 1, head_dim)
 
-    def per_query_head(cache):     # [T, H, keys, head_dim]: each K/V head repeated for its group of query heads
-        bits = unpack(cache[:, :keys], num_kv_heads * head_dim).reshape(t_steps, keys, num_kv_heads, head_dim)
-        return np.repeat(bits.transpose(0, 2, 1, 3), group, axis=1)
+    def net(packed, size, is_signed):   # the values a row holds: 0/1, or S⁺ - S⁻ for a signed pair (int32)
+        bits = unpack(packed, 2 * size if is_signed else size).astype(np.int32)
+        return bits[..., :size] - bits[..., size:] if is_signed else bits
 
-    kb, vb = per_query_head(k_cache), per_query_head(v_cache)
-    scores = (qb & kb[None]).sum(-1)                                         # [N, T, H, keys]
+    qb = net(q, num_heads * head_dim, signed[0]).reshape(n_new, t_steps, num_heads, 1, head_dim)
+
+    def per_query_head(cache, is_signed):   # [T, H, keys, head_dim]: each K/V head repeated for its query heads
+        values = net(cache[:, :keys], num_kv_heads * head_dim, is_signed)
+        values = values.reshape(t_steps, keys, num_kv_heads, head_dim)
+        return np.repeat(values.transpose(0, 2, 1, 3), group, axis=1)
+
+    kb, vb = per_query_head(k_cache, signed[1]), per_query_head(v_cache, signed[2])
+    scores = (qb * kb[None]).sum(-1)                                         # [N, T, H, keys]
     current = scores.astype(np.float32) * np.float32(scale)
     causal = np.arange(keys)[None, :] <= past + np.arange(n_new)[:, None]   # [N, keys]
     beta, threshold, initial = np.float32(beta), np.float32(threshold), np.float32(initial)
@@ -131,7 +141,7 @@ def sfsa(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, past: int, num
             fired[:, t] = u >= threshold
     for t in range(t_steps):
         attn = fired[:, t] & causal[:, None, :]                              # P[t], [N, H, keys]
-        counts = np.einsum("nhk,hkd->nhd", attn.astype(np.int32), vb[t].astype(np.int32))
+        counts = np.einsum("nhk,hkd->nhd", attn.astype(np.int32), vb[t])
         out[:, t] = counts.reshape(n_new, num_heads * head_dim)
 
 
