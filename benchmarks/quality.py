@@ -29,6 +29,7 @@ from bispikclm.errors import UserError
 from bispikclm.evaluation.perplexity import perplexity
 from bispikclm.pipeline import build_student, unigram_perplexity, wikitext_ids
 from bispikclm.recipes import load_recipe, merge, parse_overrides
+from bispikclm.runfolder import write_file
 
 CALIBRATED = ["student.init=calibrated", "student.per_channel_neurons=true", "student.fire=count",
               "student.beta=1.0", "student.initial_membrane=0.5"]
@@ -212,16 +213,21 @@ def main() -> None:
                              f"{old['test_tokens']} test tokens; --resume needs the same --tokens and --eval-windows")
         done = {(r["variant"], r["seed"]): r for r in old["runs"]}
         results["descriptions"] = old["descriptions"]
-        results["runs"] = [r for r in old["runs"] if r["variant"] not in args.variants]
-        results["variants"] = {k: v for k, v in old["variants"].items() if k not in args.variants}
+        results["runs"] = list(old["runs"])   # every finished run stays in the file, whatever is run now
+        results["variants"] = old["variants"]
         results["seeds"] = sorted(set(old["seeds"]) | set(args.seeds))
+
+    def save() -> None:
+        """The results so far, atomically: a killed run keeps every run that finished before it."""
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(results_path, json.dumps(results, indent=1))
+
     for name in args.variants:
         description, overrides = variant(name)
         results["descriptions"][name] = {"what": description, "overrides": overrides}
         recipe = merge(quickstart if name.partition("@")[0] == "quickstart" else base, parse_overrides(overrides))
         for seed in args.seeds:
             if (name, seed) in done:
-                results["runs"].append(done[(name, seed)])
                 continue
             # drawn from the global generator right after seeding, as for every committed run in results/quality.json
             # (not calibration_sequences' own generator): the weights that follow depend on it, so new runs stay
@@ -235,6 +241,7 @@ def main() -> None:
                 row = {"variant": name, "seed": seed, "step0_ppl": step0, "test_ppl": step0,
                        "firing_rate": scored0.firing_rate, "train_wall_s": 0.0}
                 results["runs"].append(row)
+                save()
                 print(json.dumps(row), flush=True)
                 continue
             folder = Path(args.out) / f"{name}-seed{seed}"
@@ -247,11 +254,11 @@ def main() -> None:
                    "firing_rate": scored.firing_rate,
                    "firing_rates": scored.firing_rates, "train_wall_s": wall, "tokens_per_s": final["tokens_per_s"]}
             results["runs"].append(row)
+            save()
             print(json.dumps({k: v for k, v in row.items() if k != "firing_rates"}), flush=True)
         rows = [r for r in results["runs"] if r["variant"] == name]
         results["variants"][name] = summarize(rows, teacher_ppl)
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1))   # written after every variant: nothing is lost
+        save()
     plot(results, results_path.with_suffix(".png"))
     for name, row in results["variants"].items():
         rate = "" if row["firing_rate_mean"] is None else f", firing rate {row['firing_rate_mean']:.3f}"
