@@ -30,7 +30,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/memory.py
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 204800 --eval-windows 200 --seeds 0 1 2 --variants paper ann init_all rate_matched learn_threshold_channel
 	PYTHONPATH=. $(PY) benchmarks/cli_startup.py
-	$(PY) benchmarks/quality_curve.py --data $(DATA) --run-dir runs/quickstart --tokens 249856 499712 999424 1998848 3999744 --variants calibrated_signed --ann ann_logits
+	$(PY) benchmarks/quality_curve.py --data $(DATA) --run-dir runs/quickstart --tokens 249856 499712 999424 1998848 3999744 --variants calibrated_signed calibrated_signed_qkv --ann ann_logits
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --results results/quality_lowrate.json --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --variants calibrated_logits@train.rate_cost=5
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_signed.json --variants calibrated_logits calibrated_signed calibrated_signed_qkv ann_logits
 	$(PY) benchmarks/quality.py --data $(DATA) --run-dir runs/quickstart --tokens 499712 --eval-windows 200 --seeds 0 1 2 --resume --results results/quality_progressive.json --variants calibrated_progressive
